@@ -1,0 +1,30 @@
+"""Exceptions a user can meet. Each names the module/node at fault and says what to do."""
+from __future__ import annotations
+
+
+class LwcompileError(Exception):
+    """Base class of every error lwcompile raises on purpose."""
+
+
+class ConfigError(LwcompileError, ValueError):
+    """A bad configuration value (names the field, the value and the allowed ones)."""
+
+
+class TraceError(LwcompileError):
+    """Neither torch.fx symbolic tracing nor torch.export could capture the model."""
+
+
+class PartitionError(LwcompileError):
+    """The model has no block, or a parameter the partitioner cannot assign (e.g. tied weights)."""
+
+
+class NonFiniteError(LwcompileError, FloatingPointError):
+    """NaN or inf met in the loss, a target or a new weight; the model is left unchanged."""
+
+
+class LossError(LwcompileError, ValueError):
+    """The loss function returned something that is not a differentiable scalar."""
+
+
+class ExportError(LwcompileError):
+    """A graph could not be exported (names the graph and the op)."""

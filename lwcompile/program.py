@@ -1,0 +1,314 @@
+"""The compiled program: graphs, blocks, per-block optimizer state, and ``step``."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lwcompile.config import Config
+from lwcompile.errors import ConfigError, LwcompileError, NonFiniteError
+from lwcompile.ir import Block, TraceResult
+from lwcompile.passes.inner import build_inner_graph, inner_example, inner_io_names
+from lwcompile.passes.optimizers import make_optimizer
+from lwcompile.passes.partition import Partition, partition
+from lwcompile.passes.targets import TargetSignature, build_target_graph, make_target_fn, tap
+from lwcompile.passes.trace import trace
+from lwcompile.runtime.local import run_jobs
+
+_OUTER = {
+    "sgd": lambda ps, lr, kw: torch.optim.SGD(ps, lr=lr, **kw),
+    "momentum": lambda ps, lr, kw: torch.optim.SGD(ps, lr=lr, **({"momentum": 0.9} | kw)),
+    "adam": lambda ps, lr, kw: torch.optim.Adam(ps, lr=lr, **kw),
+    "adamw": lambda ps, lr, kw: torch.optim.AdamW(ps, lr=lr, **kw),
+    "rmsprop": lambda ps, lr, kw: torch.optim.RMSprop(ps, lr=lr, **kw),
+}
+
+
+def _as_tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _training_flags(model: nn.Module) -> tuple[bool, ...]:
+    return tuple(m.training for m in model.modules())
+
+
+def _key(tensors: Sequence[torch.Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else repr(t) for t in tensors)
+
+
+class Program:
+    """A model compiled for layer-wise local-loss training. Made by :func:`lwcompile.transform`.
+
+    Example:
+        >>> import torch, lwcompile
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> prog = lwcompile.transform(model, torch.nn.functional.mse_loss, (torch.randn(16, 4),),
+        ...                            lwcompile.Config(inner_optimizer="gd", inner_lr=0.01, steps=3))
+        >>> loss = prog.step(torch.randn(16, 4), torch.randn(16, 1))
+        >>> [b.name for b in prog.blocks], type(loss)
+        (['0', '2'], <class 'float'>)
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, example_inputs: tuple, config: Config) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.config = config
+        self.example_inputs = example_inputs
+        self._inner_lr = float(config.inner_lr)
+        self._target_cache: dict[tuple, tuple[fx.GraphModule, TargetSignature]] = {}
+        self._inner_cache: dict[tuple, fx.GraphModule] = {}
+        self._last_target: tuple[fx.GraphModule, TargetSignature] | None = None
+        self._compile()
+        opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
+        self._inner_state: dict[str, tuple[torch.Tensor, ...]] = {
+            b.name: tuple(s.detach().clone() for s in opt.init(tuple(self._param(p).detach() for p in b.params)))
+            for b in self.blocks}
+        self._outer = self._make_outer()
+        self.last_timings: dict[str, float] = {}
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ compile
+    def _compile(self) -> None:
+        self._flags = _training_flags(self.model)
+        self.trace_result: TraceResult = trace(self.model, self.example_inputs, self.config.frontend)
+        self.partition: Partition = partition(self.trace_result.graph_module, self.example_inputs, self.config.skip)
+        self.tapped = tap(self.trace_result.graph_module, self.partition.blocks)
+        gm = self.trace_result.graph_module
+        self._param_names = tuple(n for n, _ in gm.named_parameters())
+        self._buffer_names = tuple(n for n, _ in gm.named_buffers())
+
+    def _recompile_if_mode_changed(self) -> None:
+        if _training_flags(self.model) == self._flags:
+            return
+        old = [b.name for b in self.blocks]
+        self._compile()
+        self._target_cache.clear()
+        if [b.name for b in self.blocks] != old:
+            raise LwcompileError("switching train/eval mode changed the model's blocks; call lwcompile.transform again.")
+
+    def _make_outer(self) -> torch.optim.Optimizer | None:
+        params = [self._param(n) for n in self.nonblock]
+        if not params or self.config.outer_optimizer == "none":
+            return None
+        try:
+            return _OUTER[self.config.outer_optimizer](params, self.config.outer_lr, dict(self.config.outer_options))
+        except TypeError as e:
+            raise ConfigError(f"Config.outer_options={dict(self.config.outer_options)!r} rejected by "
+                              f"{self.config.outer_optimizer!r}: {e}") from e
+
+    def _param(self, name: str) -> torch.Tensor:
+        return self.trace_result.graph_module.get_parameter(name)
+
+    # ------------------------------------------------------------------ public records
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return self.partition.blocks
+
+    @property
+    def nonblock(self) -> tuple[str, ...]:
+        """Trainable parameters outside blocks (stepped by the outer optimizer)."""
+        return self.partition.nonblock
+
+    @property
+    def frontend(self) -> str:
+        """Which tracer captured the model: "torch.fx.symbolic_trace" or "torch.export"."""
+        return self.trace_result.frontend
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self.partition.warnings
+
+    @property
+    def inner_lr(self) -> float:
+        return self._inner_lr
+
+    @inner_lr.setter
+    def inner_lr(self, lr: float) -> None:
+        """Change the inner learning rate between steps (schedules); the graphs take it as an input."""
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"inner_lr={lr!r}: must be a finite number > 0.")
+        self._inner_lr = float(lr)
+
+    @property
+    def inner_state(self) -> Mapping[str, tuple[torch.Tensor, ...]]:
+        """Each block's inner-optimizer state, kept across steps."""
+        return dict(self._inner_state)
+
+    # ------------------------------------------------------------------ graphs
+    def _signature(self, n_inputs: int, n_labels: int) -> TargetSignature:
+        return TargetSignature(self._param_names, self._buffer_names, n_inputs, n_labels,
+                               tuple(b.name for b in self.blocks), self.nonblock)
+
+    def _target_for(self, inputs: tuple, labels: tuple) -> tuple[fx.GraphModule, TargetSignature]:
+        key = (_key(inputs), _key(labels), self._flags)
+        if key not in self._target_cache:
+            sig = self._signature(len(inputs), len(labels))
+            fn = make_target_fn(self.tapped, self.blocks, self.loss_fn, sig, self.config.target,
+                                self.config.gamma, self.trace_result.out_spec)
+            flat = self._flat_args(inputs, labels)
+            self._target_cache[key] = (build_target_graph(fn, flat), sig)
+        self._last_target = self._target_cache[key]
+        return self._last_target
+
+    def _flat_args(self, inputs: tuple, labels: tuple) -> list[torch.Tensor]:
+        gm = self.trace_result.graph_module
+        return ([gm.get_parameter(n) for n in self._param_names] + [gm.get_buffer(n) for n in self._buffer_names]
+                + list(inputs) + list(labels))
+
+    @property
+    def target_graph(self) -> fx.GraphModule:
+        """The forward/target GraphModule: (params, buffers, inputs, labels) -> (loss, block inputs,
+        block targets, non-block grads). Built for the shapes of the last ``step`` (call ``step`` or
+        :meth:`build_target_graph` with example labels first)."""
+        if self._last_target is None:
+            raise LwcompileError("the target graph is traced for the labels' shape: call prog.step(x, y) once, "
+                                 "or prog.build_target_graph(example_labels) first.")
+        return self._last_target[0]
+
+    @property
+    def target_signature(self) -> TargetSignature:
+        self.target_graph  # noqa: B018  (raises the helpful error when not built yet)
+        return self._last_target[1]
+
+    def build_target_graph(self, example_labels: Any, example_inputs: Any = None) -> fx.GraphModule:
+        """Trace the target graph for these example labels (and inputs; default: the transform's)."""
+        inputs = self.example_inputs if example_inputs is None else _as_tuple(example_inputs)
+        return self._target_for(inputs, _as_tuple(example_labels))[0]
+
+    def inner_graph(self, name: str, batch: int | None = None) -> fx.GraphModule:
+        """The inner-update GraphModule of block ``name`` for a batch size (default: the example's)."""
+        block = self._block(name)
+        b = block.input_shape[0] if batch is None else batch
+        key = (name, b)
+        if key not in self._inner_cache:
+            self._inner_cache[key] = build_inner_graph(block, self.config, inner_example(block, self.config, b))
+        return self._inner_cache[key]
+
+    @property
+    def inner_graphs(self) -> Mapping[str, fx.GraphModule]:
+        """Block name -> inner-update GraphModule: (weights, x, target, lr, optimizer state) -> (new weights, state)."""
+        return {b.name: self.inner_graph(b.name) for b in self.blocks}
+
+    def inner_io_names(self, name: str) -> tuple[list[str], list[str]]:
+        return inner_io_names(self._block(name), self.config)
+
+    def _block(self, name: str) -> Block:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.blocks]}")
+
+    # ------------------------------------------------------------------ the training step
+    def compute_targets(self, x: Any, y: Any) -> dict[str, Any]:
+        """Run the forward/target graph only: loss, and per block its input and target (nothing updated
+        except BatchNorm-style running statistics)."""
+        self._recompile_if_mode_changed()
+        inputs, labels = _as_tuple(x), _as_tuple(y)
+        tg, sig = self._target_for(inputs, labels)
+        with torch.no_grad():
+            outs = tg(*self._flat_args(inputs, labels))
+        m = len(self.blocks)
+        return {
+            "loss": outs[0],
+            "inputs": dict(zip(sig.blocks, outs[1:1 + m])),
+            "targets": dict(zip(sig.blocks, outs[1 + m:1 + 2 * m])),
+            "grads": dict(zip(sig.nonblock, outs[1 + 2 * m:])),
+        }
+
+    def inner_jobs(self, inputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> dict:
+        """Block name -> (inner graph, its arguments) for one step."""
+        jobs = {}
+        for b in self.blocks:
+            x = inputs[b.name].contiguous()  # the inner graphs are traced for contiguous inputs
+            lr = torch.tensor(self._inner_lr, dtype=x.dtype, device=x.device)
+            args = [self._param(p).detach() for p in b.params] + [x, targets[b.name].contiguous(), lr, *self._inner_state[b.name]]
+            jobs[b.name] = (self.inner_graph(b.name, x.shape[0]), args)
+        return jobs
+
+    def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None) -> float:
+        """One training step on inputs ``x`` and labels ``y``; updates the model in place; returns the loss.
+
+        Nothing is changed if the loss, a target or a new weight is not finite (:class:`NonFiniteError`).
+        ``assignment`` (device -> block names, e.g. ``prog.plan(...).assignment``) runs blocks across devices.
+        """
+        t0 = time.perf_counter()
+        saved = {n: b.detach().clone() for n, b in self.trace_result.graph_module.named_buffers()}
+        try:
+            res = self.compute_targets(x, y)
+            self._check_finite("the task loss", res["loss"])
+            for name, t in res["targets"].items():
+                self._check_finite(f"the target of block {name!r}", t)
+            t1 = time.perf_counter()
+            outs = run_jobs(self.inner_jobs(res["inputs"], res["targets"]), assignment)
+            t2 = time.perf_counter()
+            for b in self.blocks:
+                for p, new in zip(b.params, outs[b.name]):
+                    self._check_finite(f"the new value of {p!r} (block {b.name!r})", new)
+        except BaseException:
+            with torch.no_grad():  # leave the model exactly as it was
+                for n, buf in self.trace_result.graph_module.named_buffers():
+                    buf.copy_(saved[n])
+            raise
+        with torch.no_grad():
+            for b in self.blocks:
+                k = len(b.params)
+                for p, new in zip(b.params, outs[b.name][:k]):
+                    self._param(p).copy_(new)
+                self._inner_state[b.name] = tuple(outs[b.name][k:])
+        if self._outer is not None:
+            for name, g in res["grads"].items():
+                self._param(name).grad = g
+            self._outer.step()
+            self._outer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        self.last_timings = {"target": t1 - t0, "inner": t2 - t1, "update": t3 - t2, "total": t3 - t0}
+        self.step_count += 1
+        return float(res["loss"])
+
+    def _check_finite(self, what: str, t: torch.Tensor) -> None:
+        if self.config.check_finite and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"{what} has {bad} NaN/inf value(s); the model was left unchanged. Lower "
+                                 "Config.gamma or the learning rates, or check the inputs and the loss.")
+
+    # ------------------------------------------------------------------ placement and export
+    def plan(self, devices: Sequence[str] | int = 1, mode: str = "replicated", profile: Mapping[str, float] | None = None,
+             device_rate: float | None = None):
+        """Place the blocks' inner loops on devices (see :mod:`lwcompile.runtime.placement`)."""
+        from lwcompile.runtime.placement import make_plan
+
+        slots = make_optimizer(self.config.inner_optimizer, self.config.optimizer_options()).slots
+        return make_plan(self.blocks, self.partition.edges, self.config.steps, devices, mode,
+                         profile=profile, device_rate=device_rate, optimizer_slots=slots)
+
+    def export_onnx(self, out_dir: str, **kwargs: Any):
+        """Write every graph to ONNX in ``out_dir`` with a manifest (see :mod:`lwcompile.passes.onnx_export`)."""
+        from lwcompile.passes.onnx_export import export_program
+
+        return export_program(self, out_dir, **kwargs)
+
+    # ------------------------------------------------------------------ printing
+    def __str__(self) -> str:
+        c = self.config
+        head = (f"lwcompile.Program({type(self.model).__name__}, front end: {self.frontend})\n"
+                f"  target={c.target} local_loss={c.local_loss} gamma={c.gamma} T={c.steps} "
+                f"inner={c.inner_optimizer}(lr={self._inner_lr:g}) prox={c.prox} outer={c.outer_optimizer}(lr={c.outer_lr:g})\n")
+        rows = [("block", "op", "transfer", "weight shape", "bias", "FLOPs/example")]
+        for b in self.blocks:
+            tf = b.transfer + ("(" + ", ".join(f"{k}={v}" for k, v in b.transfer_kwargs) + ")" if b.transfer_kwargs else "")
+            rows.append((b.name, b.op, tf, "x".join(map(str, b.weight_shape)), "yes" if b.bias else "no",
+                         f"{b.flops_per_example:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  " + "  ".join(v.ljust(w) if i < 5 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "  " + "  ".join("-" * w for w in widths))
+        n_nb = sum(self._param(n).numel() for n in self.nonblock)
+        tail = f"\n  {len(self.blocks)} blocks; {len(self.nonblock)} non-block parameter tensors ({n_nb:,} values) -> outer optimizer"
+        notes = "".join(f"\n  note: {w}" for w in self.warnings)
+        return head + "\n".join(lines) + tail + notes
+
+    __repr__ = __str__

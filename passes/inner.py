@@ -1,0 +1,92 @@
+"""Inner-update graphs: T optimizer steps on one block's local loss + proximal term.
+
+``make_inner_fn(block, config)`` returns a pure function
+``(W, [b], x, target, lr, *state) -> (W', [b'], *state')`` and ``build_inner_graph`` traces it with
+``make_fx`` into a standalone GraphModule (the T iterations unrolled into plain ops, printable via
+``.code``). The weight gradient is the closed form of METHOD.md: the local loss's residual r = ∂ℓ/∂z,
+pushed through the linear op's weight-VJP (``r x`` for linear, a convolution for conv).
+
+Example:
+    >>> import torch
+    >>> from lwcompile.config import Config
+    >>> from lwcompile.ir import Block
+    >>> blk = Block("fc", "fc", "linear", (), "tanh", (), "fc.weight", None, (2, 3), None, (4, 3), (4, 2), 12)
+    >>> gm = build_inner_graph(blk, Config(steps=2, inner_optimizer="gd"))
+    >>> W, = gm(torch.zeros(2, 3), torch.randn(4, 3), torch.randn(4, 2), torch.tensor(0.1))
+    >>> W.shape
+    torch.Size([2, 3])
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from lwcompile.config import Config
+from lwcompile.ir import Block
+from lwcompile.passes.linear_ops import LINEAR_OPS
+from lwcompile.passes.local_losses import residual
+from lwcompile.passes.optimizers import make_optimizer
+
+
+def inner_lr_factor(k: int, steps: int, decay: bool) -> float:
+    """The official code's inner step decay: lr · max(1 − k/T, 0.25) at inner iteration k (0-based)."""
+    return max(1.0 - k / steps, 0.25) if decay else 1.0
+
+
+def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Tensor, ...]]:
+    op = LINEAR_OPS[block.op]
+    attrs, kw = dict(block.attrs), dict(block.transfer_kwargs)
+    opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
+    n = len(block.params)
+    has_bias = block.bias is not None
+
+    def inner_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        anchor = tuple(flat[:n])
+        x, target, lr = flat[n], flat[n + 1], flat[n + 2]
+        state = tuple(flat[n + 3:])
+        params = anchor
+        for k in range(config.steps):
+            z = op.apply(x, params[0], params[1] if has_bias else None, attrs)
+            r = residual(config.local_loss, block.transfer, kw, z, target)
+            dW, db = op.weight_grad(x, r, block.weight_shape, attrs, has_bias)
+            grads = (dW, db) if has_bias else (dW,)
+            if config.prox > 0:
+                grads = tuple(g + config.prox * (p - a) for g, p, a in zip(grads, params, anchor))
+            params, state = opt.update(grads, state, params, lr * inner_lr_factor(k, config.steps, config.inner_lr_decay))
+        return (*params, *state)
+
+    return inner_update
+
+
+def inner_example(block: Block, config: Config, batch: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Zero tensors with the shapes of the inner graph's inputs (for tracing and export)."""
+    b = block.input_shape[0] if batch is None else batch
+    params = [torch.zeros(block.weight_shape, dtype=dtype)]
+    if block.bias_shape is not None:
+        params.append(torch.zeros(block.bias_shape, dtype=dtype))
+    opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
+    state = opt.init(tuple(params))
+    x = torch.zeros((b, *block.input_shape[1:]), dtype=dtype)
+    t = torch.zeros((b, *block.output_shape[1:]), dtype=dtype)
+    return (*params, x, t, torch.tensor(config.inner_lr, dtype=dtype), *state)
+
+
+def build_inner_graph(block: Block, config: Config, example: tuple[torch.Tensor, ...] | None = None) -> fx.GraphModule:
+    """The block's inner-update GraphModule, traced for the shapes of ``example`` (default: the block's)."""
+    example = inner_example(block, config) if example is None else example
+    gm = make_fx(make_inner_fn(block, config), tracing_mode="fake")(*example)
+    gm.recompile()
+    return gm
+
+
+def inner_io_names(block: Block, config: Config) -> tuple[list[str], list[str]]:
+    """Input and output names of the inner graph, in order."""
+    opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
+    params = ["weight"] + (["bias"] if block.bias is not None else [])
+    n_state = len(opt.init(tuple(torch.zeros(1) for _ in params)))
+    state = [f"state{i}" for i in range(n_state)]
+    return params + ["x", "target", "lr"] + state, [f"new_{p}" for p in params] + [f"new_{s}" for s in state]

@@ -1,0 +1,89 @@
+"""Tables the partitioner reads: which graph ops are linear in a weight, which are transfer functions.
+
+Policy as data (STYLE.md): to teach lwcompile a new op, add a row here; the partition pass stays generic.
+Each op appears in its three FX spellings: module (symbolic trace), function / tensor method (symbolic
+trace), and ATen overload (torch.export).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------- linear ops
+LINEAR_MODULES: dict[type, str] = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d",
+}
+# function -> op kind; arguments follow F.linear / F.convNd / F.conv_transposeNd order.
+LINEAR_FUNCTIONS: dict[object, str] = {
+    F.linear: "linear", aten.linear.default: "linear",
+    torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d",
+    aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d",
+    aten.conv1d.padding: "conv1d", aten.conv2d.padding: "conv2d", aten.conv3d.padding: "conv3d",
+    torch.conv_transpose1d: "conv_transpose1d", torch.conv_transpose2d: "conv_transpose2d",
+    torch.conv_transpose3d: "conv_transpose3d",
+    aten.conv_transpose1d.default: "conv_transpose1d", aten.conv_transpose2d.input: "conv_transpose2d",
+    aten.conv_transpose3d.input: "conv_transpose3d",
+}
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, aten.matmul.default, aten.mm.default}
+MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
+
+
+def is_transpose_of_2d(node) -> bool:
+    """Does `node` swap the two axes of its (2-D weight) argument?  (W.T, W.t(), W.transpose(0, 1), ...)"""
+    if node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
+        return True
+    if node.op == "call_method" and node.target == "t":
+        return True
+    if node.op == "call_method" and node.target == "transpose" and sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0], [-2, 1]):
+        return True
+    if node.op == "call_method" and node.target == "permute" and list(node.args[1:]) in ([1, 0], [[1, 0]], [(1, 0)]):
+        return True
+    if node.op == "call_function" and node.target in (torch.t, aten.t.default, aten.numpy_T.default):
+        return True
+    if node.op == "call_function" and node.target in (torch.transpose, aten.transpose.int) and sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0], [-2, 1]):
+        return True
+    if node.op == "call_function" and node.target in (torch.permute, aten.permute.default) and list(node.args[1]) == [1, 0]:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- transfer functions
+# name -> the option names it carries (read from module attributes or call arguments, in positional order)
+TRANSFER_OPTIONS = {
+    "relu": (), "tanh": (), "sigmoid": (), "silu": (), "arctan": (), "identity": (),
+    "leaky_relu": ("negative_slope",), "softplus": ("beta", "threshold"), "elu": ("alpha",),
+    "gelu": ("approximate",), "softmax": ("dim",),
+}
+TRANSFER_MODULES: dict[type, str] = {
+    nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.LeakyReLU: "leaky_relu",
+    nn.Softplus: "softplus", nn.ELU: "elu", nn.GELU: "gelu", nn.Softmax: "softmax", nn.Identity: "identity",
+}
+TRANSFER_FUNCTIONS: dict[object, str] = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    F.silu: "silu", F.leaky_relu: "leaky_relu", F.softplus: "softplus", F.elu: "elu", F.gelu: "gelu",
+    torch.atan: "arctan", torch.arctan: "arctan", F.softmax: "softmax", torch.softmax: "softmax",
+    aten.relu.default: "relu", aten.relu_.default: "relu", aten.tanh.default: "tanh",
+    aten.sigmoid.default: "sigmoid", aten.silu.default: "silu", aten.leaky_relu.default: "leaky_relu",
+    aten.softplus.default: "softplus", aten.elu.default: "elu", aten.gelu.default: "gelu",
+    aten.atan.default: "arctan", aten.softmax.int: "softmax", aten._softmax.default: "softmax",
+}
+TRANSFER_METHODS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
+                    "sigmoid_": "sigmoid", "atan": "arctan", "arctan": "arctan", "softmax": "softmax"}
+
+# Element-wise ops that follow a linear op but are not transfer functions lwcompile knows: the block is
+# then treated as identity, with a warning naming the node.
+UNKNOWN_ELEMENTWISE_MODULES = (nn.ReLU6, nn.Hardtanh, nn.Mish, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid,
+                               nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.PReLU, nn.RReLU, nn.Softmin,
+                               nn.LogSoftmax, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.GLU)
+UNKNOWN_ELEMENTWISE_NAMES = {"exp", "sin", "cos", "abs", "square", "sqrt", "log", "relu6", "hardtanh", "mish",
+                             "selu", "celu", "hardswish", "hardsigmoid", "logsigmoid", "softsign", "log_softmax",
+                             "erf", "neg", "reciprocal", "rsqrt", "expm1", "log1p", "sinh", "cosh", "asinh"}

@@ -1,0 +1,158 @@
+"""Trace pass: capture a model as a plain ``torch.fx.GraphModule`` that shares the model's parameters.
+
+Front ends, in order: ``torch.fx.symbolic_trace`` (through attention and transformer modules, so their
+projections become visible), then ``torch.export`` when symbolic tracing fails or its graph does not
+reproduce the model (Python control flow on shapes or values). The result says which one was used.
+
+Example:
+    >>> import torch
+    >>> res = trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh()), (torch.randn(4, 3),))
+    >>> res.frontend
+    'torch.fx.symbolic_trace'
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from lwcompile.errors import TraceError
+from lwcompile.ir import TraceResult
+
+SYMBOLIC = "torch.fx.symbolic_trace"
+EXPORT = "torch.export"
+
+# torch.nn modules that hold block weights inside: trace into them instead of keeping them as leaves.
+_TRACE_THROUGH = (
+    nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+    nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer,
+)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, _TRACE_THROUGH):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Run something on the model, then put back its buffers (BatchNorm statistics) and the RNG."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+             if not isinstance(v, nn.Parameter)}
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in model.state_dict(keep_vars=True).items():
+                    if k in saved:
+                        v.copy_(saved[k])
+
+
+def _symbolic(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def _export(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, Any, Any]:
+    dyn = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                for a in example_inputs)
+    try:
+        ep = torch.export.export(model, example_inputs, dynamic_shapes=dyn, strict=False)
+    except Exception:  # a batch dimension that cannot be dynamic: fall back to static shapes
+        ep = torch.export.export(model, example_inputs, strict=False)
+    gm = ep.module()
+    in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
+    graph = gm.graph
+    # The exported module checks its input guards and (un)flattens pytrees in generated code; our passes
+    # want flat positional inputs and outputs, so drop the guard call and use the plain code generator.
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()
+    out = next(n for n in graph.nodes if n.op == "output")
+    leaves = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    out.args = (tuple(leaves),)
+    plain = fx.GraphModule(gm, graph, model.__class__.__name__)
+    _rebind_parameters(plain, model)
+    return plain, in_spec, out_spec
+
+
+def _rebind_parameters(gm: fx.GraphModule, model: nn.Module) -> None:
+    # The traced module must train the user's own tensors, never copies of them.
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in own and own[name] is not t:
+            mod_path, _, attr = name.rpartition(".")
+            mod = gm.get_submodule(mod_path) if mod_path else gm
+            if isinstance(own[name], nn.Parameter):
+                mod.register_parameter(attr, own[name])
+            else:
+                mod.register_buffer(attr, own[name])
+
+
+def run_traced(res: TraceResult, inputs: tuple) -> Any:
+    """Call a traced module with the model's own calling convention (pytree in and out)."""
+    if res.in_spec is None:
+        return res.graph_module(*inputs)
+    flat = pytree.tree_leaves((inputs, {}))
+    out = res.graph_module(*flat)
+    return pytree.tree_unflatten(list(out), res.out_spec)
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True)):
+            return False
+    return True
+
+
+def _reproduces(res: TraceResult, model: nn.Module, example_inputs: tuple) -> bool:
+    with torch.no_grad(), preserved_state(model):
+        torch.manual_seed(0)
+        ref = model(*example_inputs)
+    with torch.no_grad(), preserved_state(model):
+        torch.manual_seed(0)
+        got = run_traced(res, example_inputs)
+    return _same(ref, got)
+
+
+def trace(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> TraceResult:
+    """Capture ``model`` called on ``example_inputs``; ``frontend`` is "auto", "fx" or "export"."""
+    errors: list[str] = []
+    if frontend in ("auto", "fx"):
+        try:
+            res = TraceResult(_symbolic(model), SYMBOLIC)
+            if _reproduces(res, model, example_inputs):
+                return res
+            errors.append(f"{SYMBOLIC}: the traced graph does not reproduce {type(model).__name__}'s output "
+                          "(Python control flow was frozen during tracing)")
+        except Exception as e:  # any failure of the symbolic tracer sends us to torch.export
+            errors.append(f"{SYMBOLIC}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if frontend in ("auto", "export"):
+        try:
+            gm, in_spec, out_spec = _export(model, example_inputs)
+            res = TraceResult(gm, EXPORT, in_spec, out_spec, notes=tuple(errors))
+            if _reproduces(res, model, example_inputs):
+                return res
+            errors.append(f"{EXPORT}: the exported graph does not reproduce the model's output")
+        except Exception as e:
+            msg = str(e).strip().splitlines()
+            errors.append(f"{EXPORT}: {type(e).__name__}: {msg[0] if msg else ''}")
+    raise TraceError(
+        f"could not trace {type(model).__name__}:\n  " + "\n  ".join(errors) +
+        "\nMake the forward traceable (avoid Python control flow on tensor values), or wrap the untraceable "
+        "part in a leaf module."
+    )

@@ -1,0 +1,207 @@
+"""A placement plan: which device runs which blocks' inner loops, and what that is predicted to cost.
+
+A :class:`Plan` is a frozen record made by :func:`lwcompile.runtime.placement.make_plan`. It prints as a table and
+turns into JSON, DOT text or a PNG picture; :meth:`Plan.from_json` reads the JSON back.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from lwcompile.errors import ConfigError
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Where each block's inner loop runs.
+
+    mode:        "replicated" or "partitioned".
+    devices:     device names, in order.
+    assignment:  device -> block names in run order (a device may get none).
+    times:       device -> predicted inner-phase seconds (sum of its blocks' costs).
+    memory:      device -> bytes for its blocks (parameters, optimizer state, one batch of activations).
+    makespan:    the slowest device's time: the predicted inner phase of one training step.
+    lower_bound: max(largest block, total / devices); no placement can beat it.
+    graph:       the placement graph (nodes: cost, memory, flops, measured; edges: bytes).
+    algorithm:   how the assignment was found ("optimal", "lpt+search", "contiguous-dp", ...).
+
+    Example:
+        >>> g = nx.DiGraph(); g.add_node("fc", cost=0.5, memory=1024, flops=10, measured=True)
+        >>> p = Plan("replicated", ("cpu",), {"cpu": ("fc",)}, {"cpu": 0.5}, {"cpu": 1024}, 0.5, 0.5, g)
+        >>> p.device_of("fc"), Plan.from_json(p.to_json()) == p
+        ('cpu', True)
+    """
+
+    mode: str
+    devices: tuple[str, ...]
+    assignment: Mapping[str, tuple[str, ...]]
+    times: Mapping[str, float]
+    memory: Mapping[str, int]
+    makespan: float
+    lower_bound: float
+    graph: nx.DiGraph = field(repr=False)
+    algorithm: str = ""
+
+    # -------------------------------------------------------------------------------------------------- queries
+    def device_of(self, block: str) -> str:
+        """The device that runs `block`'s inner loop."""
+        for device, blocks in self.assignment.items():
+            if block in blocks:
+                return device
+        raise ConfigError(f"block {block!r} is not in this plan; its blocks are {list(self.graph)[:8]}.")
+
+    @property
+    def crossing_bytes(self) -> int:
+        """Activation bytes on edges whose producer and consumer run on different devices."""
+        where = {b: d for d, bs in self.assignment.items() for b in bs}
+        return sum(nb for u, v, nb in self.graph.edges(data="bytes") if where.get(u) != where.get(v))
+
+    # ---------------------------------------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict holding everything, the graph included."""
+        return {
+            "mode": self.mode,
+            "devices": list(self.devices),
+            "assignment": {d: list(bs) for d, bs in self.assignment.items()},
+            "times": dict(self.times),
+            "memory": dict(self.memory),
+            "makespan": self.makespan,
+            "lower_bound": self.lower_bound,
+            "algorithm": self.algorithm,
+            "graph": {
+                "attrs": dict(self.graph.graph),
+                "nodes": [{"name": n, **d} for n, d in self.graph.nodes(data=True)],
+                "edges": [{"source": u, "target": v, **d} for u, v, d in self.graph.edges(data=True)],
+            },
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The plan as JSON text; :meth:`from_json` reads it back into an equal plan."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """The inverse of :meth:`to_dict`."""
+        g = nx.DiGraph(**data["graph"]["attrs"])
+        for node in data["graph"]["nodes"]:
+            node = dict(node)
+            g.add_node(node.pop("name"), **node)
+        for edge in data["graph"]["edges"]:
+            edge = dict(edge)
+            g.add_edge(edge.pop("source"), edge.pop("target"), **edge)
+        return cls(
+            mode=data["mode"],
+            devices=tuple(data["devices"]),
+            assignment={d: tuple(bs) for d, bs in data["assignment"].items()},
+            times=dict(data["times"]),
+            memory=dict(data["memory"]),
+            makespan=data["makespan"],
+            lower_bound=data["lower_bound"],
+            graph=g,
+            algorithm=data.get("algorithm", ""),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """The inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        # Compared through to_dict() because graphs and dicts have no useful identity-free equality of their own.
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.mode, self.devices, self.makespan, self.lower_bound))
+
+    # -------------------------------------------------------------------------------------------------- display
+    def __str__(self) -> str:
+        steps = self.graph.graph.get("steps")
+        head = (f"{self.mode} plan: {self.graph.number_of_nodes()} blocks on {len(self.devices)} devices"
+                + (f", {steps} inner steps" if steps else "") + (f" ({self.algorithm})" if self.algorithm else ""))
+        rows = [("device", "blocks", "inner time", "memory", "share")]
+        for d in self.devices:
+            share = self.times[d] / self.makespan if self.makespan > 0 else 0.0
+            rows.append((d, _shorten(", ".join(self.assignment[d]) or "-"), _seconds(self.times[d]),
+                         _bytes(self.memory[d]), f"{100 * share:.1f}%"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        if self.graph.number_of_edges():
+            lines.append(f"activations crossing devices: {_bytes(self.crossing_bytes)}")
+        lines.append(f"makespan {_seconds(self.makespan)} vs lower bound {_seconds(self.lower_bound)}")
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text: one cluster per device, nodes labelled with their time, edges with their bytes
+        (red where they cross devices). Render with `dot -Tpng plan.dot -o plan.png`."""
+        lines = ["digraph plan {", "  rankdir=LR;", "  node [shape=box];"]
+        for i, d in enumerate(self.devices):
+            lines.append(f"  subgraph cluster_{i} {{")
+            lines.append(f"    label={_q(f'{d}: {_seconds(self.times[d])}')};")
+            for b in self.assignment[d]:
+                label = b + "\n" + _seconds(self.graph.nodes[b]["cost"])
+                lines.append(f"    {_q(b)} [label={_q(label)}];")
+            lines.append("  }")
+        where = {b: d for d, bs in self.assignment.items() for b in bs}
+        for u, v, nb in self.graph.edges(data="bytes"):
+            style = ", color=red" if where.get(u) != where.get(v) else ""
+            lines.append(f"  {_q(u)} -> {_q(v)} [label={_q(_bytes(nb))}{style}];")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def draw(self, path: str) -> str:
+        """Write a PNG: one column per device, blocks top to bottom in run order, edges labelled with bytes.
+        Uses matplotlib's Agg canvas directly, so it never touches pyplot's global state or needs a display."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        pos = {b: (i, -k) for i, d in enumerate(self.devices) for k, b in enumerate(self.assignment[d])}
+        column = {b: i for b, (i, _) in pos.items()}
+        depth = max((len(bs) for bs in self.assignment.values()), default=1)
+        fig = Figure(figsize=(max(4.0, 2.2 * len(self.devices)), max(3.0, 1.2 * depth + 1.5)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        nodes = list(self.graph)
+        nx.draw_networkx_nodes(self.graph, pos, nodelist=nodes, ax=ax, node_size=900,
+                               node_color=[column[n] for n in nodes], cmap="tab10", vmin=0, vmax=9)
+        nx.draw_networkx_labels(self.graph, pos, ax=ax, font_size=8)
+        nx.draw_networkx_edges(self.graph, pos, ax=ax, arrows=True, node_size=900, connectionstyle="arc3,rad=0.15")
+        nx.draw_networkx_edge_labels(self.graph, pos, ax=ax, font_size=7,
+                                     edge_labels={(u, v): _bytes(nb) for u, v, nb in self.graph.edges(data="bytes")})
+        ax.set_xticks(range(len(self.devices)),
+                      [f"{d}\n{_seconds(self.times[d])}" for d in self.devices])
+        ax.tick_params(left=False, labelleft=False, bottom=False, labelbottom=True)  # networkx hides them
+        for side in ("top", "right", "left", "bottom"):
+            ax.spines[side].set_visible(False)
+        ax.set_xlim(-0.6, len(self.devices) - 0.4)
+        ax.set_ylim(-depth + 0.4, 0.6)
+        ax.set_title(f"{self.mode}: makespan {_seconds(self.makespan)} vs lower bound {_seconds(self.lower_bound)}")
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+        return path
+
+
+def _seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(s) >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns" if s else "0 s"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _shorten(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _q(text: str) -> str:
+    """A DOT double-quoted string (block names may contain dots, brackets or quotes)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
