@@ -37,11 +37,17 @@ def _init_all(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def deep_autoencoder(sizes: Sequence[int] = AUTOENCODER_SIZES, seed: int = 0) -> nn.Sequential:
+def deep_autoencoder(sizes: Sequence[int] = AUTOENCODER_SIZES, seed: int = 0,
+                     output_sigmoid: bool = False) -> nn.Sequential:
     """The paper's MNIST autoencoder: Linear layers, tanh after each hidden one except the bottleneck.
 
     The smallest hidden layer (the 30-unit code) is linear; the output is linear logits, the sigmoid
     being folded into `sigmoid_xent_sum`. Glorot-uniform weights, zero biases.
+
+    With ``output_sigmoid=True`` a final ``nn.Sigmoid`` is appended (outputs are probabilities; pair it with
+    `bce_sum`): lwcompile then sees the last block with a sigmoid transfer, as the paper's official code
+    treats it (its last layer's matching loss is the sigmoid's), instead of an identity block on logits.
+    ``outputs_to_logits(model)`` gives the logits model sharing the same parameters.
 
     >>> m = deep_autoencoder((8, 6, 2, 6, 8))
     >>> m(torch.zeros(3, 8)).shape
@@ -59,7 +65,45 @@ def deep_autoencoder(sizes: Sequence[int] = AUTOENCODER_SIZES, seed: int = 0) ->
         out_idx = i + 1
         if out_idx < len(sizes) - 1 and out_idx != bottleneck:
             layers.append(nn.Tanh())
+    if output_sigmoid:
+        layers.append(nn.Sigmoid())
     return _init_all(nn.Sequential(*layers), seed)
+
+
+def outputs_to_logits(model: nn.Sequential) -> nn.Sequential:
+    """The same network without a trailing ``nn.Sigmoid`` (shares the parameters): logits for `sigmoid_xent_sum`.
+
+    >>> m = deep_autoencoder((4, 2, 4), output_sigmoid=True)
+    >>> torch.allclose(torch.sigmoid(outputs_to_logits(m)(torch.ones(1, 4))), m(torch.ones(1, 4)))
+    True
+    """
+    if len(model) and isinstance(model[-1], nn.Sigmoid):
+        return nn.Sequential(*list(model)[:-1])
+    return model
+
+
+def bce_sum(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`sigmoid_xent_sum` for a model that ends in a sigmoid: binary cross-entropy of probabilities, summed
+    over pixels, averaged over the batch. (torch clamps its logs at -100, so it is finite at 0 and 1.)
+
+    >>> round(float(bce_sum(torch.full((2, 3), 0.5), torch.ones(2, 3))), 4)  # 3 * log 2
+    2.0794
+    """
+    return F.binary_cross_entropy(probs, target, reduction="sum") / probs.shape[0]
+
+
+def reference_lr_factor(epoch: int, warmup_epochs: int = 5, num_epochs: int = 100) -> float:
+    """The learning-rate multiplier of the paper's official LocoProp code for a 0-based epoch.
+
+    Linear warm-up e / W for e < W (so epoch 0 runs at 0), then linear decay 1 − (e + 1 − W) / (N − W), held
+    constant within an epoch (the official run: W = 5, N = 100, 99 epochs trained).
+
+    >>> [round(reference_lr_factor(e), 4) for e in (0, 1, 4, 5, 6, 98)]
+    [0.0, 0.2, 0.8, 0.9895, 0.9789, 0.0105]
+    """
+    if epoch < warmup_epochs:
+        return epoch / warmup_epochs
+    return max(1.0 - (epoch + 1 - warmup_epochs) / (num_epochs - warmup_epochs), 0.0)
 
 
 def sigmoid_xent_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,8 @@ def test_frontends_and_blocks_found():
         "functional": ("torch.fx.symbolic_trace", ["softplus", "gelu", "identity", "leaky_relu", "arctan", "silu",
                                                    "softmax"]),
         "control_flow": ("torch.export", ["tanh", "identity", "identity", "identity", "identity"]),
+        "deconv": ("torch.fx.symbolic_trace", ["tanh", "sigmoid"]),
+        "attention": ("torch.export", ["identity", "identity", "identity", "identity"]),
     }
     for arch, (frontend, transfers) in cases.items():
         model, inputs, y, loss_fn = ZOO[arch]()

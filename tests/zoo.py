@@ -126,5 +126,40 @@ def control_flow():
     return ControlFlow(), (torch.randn(5, 3, 7),), torch.randn(5, 2), F.mse_loss
 
 
+class Deconv(nn.Module):
+    """Conv encoder, transposed-conv decoder (ConvTranspose2d with stride and output_padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.dec = nn.ConvTranspose2d(3, 1, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.dec(torch.tanh(self.enc(x))))
+
+
+def deconv():
+    return Deconv(), (torch.randn(4, 1, 6, 6),), torch.rand(4, 1, 6, 6), F.mse_loss
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention used directly, its in/out projections as blocks, plus a GELU head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.emb(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(F.gelu(a + h)).mean(1)
+
+
+def attention():
+    return Attention(), (torch.randn(3, 4, 3),), torch.randn(3, 2), F.mse_loss
+
+
 ZOO = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer, "functional": functional,
-       "control_flow": control_flow}
+       "control_flow": control_flow, "deconv": deconv, "attention": attention}
