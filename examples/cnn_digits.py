@@ -1,6 +1,6 @@
 """Train a small CNN on scikit-learn's 8×8 digits with lwcompile (no download needed).
 
-    python examples/cnn_digits.py --epochs 15
+    python examples/cnn_digits.py --epochs 5
 
 Prints the compiled block table, then a progress bar with the loss, then train/test accuracy per epoch.
 """
@@ -24,13 +24,13 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--target", default="md_post")
     ap.add_argument("--loss", default="matching")
-    ap.add_argument("--steps", type=int, default=5, help="inner iterations T")
-    ap.add_argument("--inner-lr", type=float, default=1e-3)
-    ap.add_argument("--gamma", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=10, help="inner iterations T")
+    ap.add_argument("--inner-lr", type=float, default=1e-4)
+    ap.add_argument("--gamma", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     xte, yte = load_digits_images("test"), load_digits_labels("test")
     model = small_cnn(num_classes=10, seed=args.seed)
     config = lwcompile.Config(target=args.target, local_loss=args.loss, gamma=args.gamma, steps=args.steps,
-                              inner_optimizer="adam", inner_lr=args.inner_lr, outer_optimizer="adam", outer_lr=1e-2)
+                              inner_optimizer="rmsprop_tf1", inner_lr=args.inner_lr, inner_lr_decay=True)
     prog = lwcompile.transform(model, F.cross_entropy, xtr[: args.batch_size], config)
     print(prog)
     history = {"loss": [], "train_acc": [], "test_acc": []}

@@ -105,3 +105,16 @@ def test_inner_lr_is_a_graph_input_so_schedules_need_no_retrace():
     assert len(prog._inner_cache) == n
     with pytest.raises(lwcompile.ConfigError):
         prog.inner_lr = -1.0
+
+
+def test_profile_measures_every_block_and_feeds_the_plan():
+    model, inputs, y, loss_fn = ZOO["cnn"]()
+    prog = lwcompile.transform(model, loss_fn, inputs, steps=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prof = prog.profile(inputs, y, repeats=2)
+    assert set(prof) == {b.name for b in prog.blocks} and all(t > 0 for t in prof.values())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    plan = prog.plan(2, "replicated", profile=prof)
+    assert plan.makespan == pytest.approx(max(plan.times.values()))
+    assert plan.makespan >= plan.lower_bound - 1e-12
