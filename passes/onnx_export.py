@@ -3,18 +3,24 @@
 Route (torch 2.13, onnx 1.17, onnxruntime-training 1.19.2):
 
 1. The GraphModule (made by ``make_fx``, flat tensor inputs, flat tuple of tensor outputs) is **re-traced** with
-   ``make_fx(functionalize(gm), decomposition_table=EXTRA_DECOMPOSITIONS, tracing_mode="fake")``.
+   ``make_fx(functionalize(gm, remove="mutations"), decomposition_table=export_decompositions(), tracing_mode="fake")``.
    - ``functionalize`` turns in-place input mutations (BatchNorm running stats: ``add_``/``copy_`` on placeholders)
      into trailing ``copy_(input, value)`` nodes, which this pass removes and turns into **extra outputs** named
      ``new__<input name>`` (``MUTATED_PREFIX``), appended after the graph's own outputs in input order. A runtime
-     that wants torch's in-place semantics copies each ``new__X`` output back into input ``X``.
-   - ``EXTRA_DECOMPOSITIONS`` rewrites the backward ops that neither ONNX nor torch's decomposition table covers
-     (``convolution_backward``, ``_scaled_dot_product_flash_attention_for_cpu_backward``, ``avg_pool2d_backward``,
-     ``_adaptive_avg_pool2d_backward``) into forward ops (convolutions, matmuls, softmax).
-2. The result goes through ``torch.onnx.export(..., dynamo=True)``, which applies torch's ONNX-friendly decomposition
-   table (``tanh_backward``, ``native_batch_norm_backward``, ``threshold_backward``, ``_softmax_backward_data`` ...
-   become core ops) and translates with onnxscript's torchlib. The legacy TorchScript exporter cannot be used: it has
-   no symbolic for any ``aten::*_backward`` op.
+     that wants torch's in-place semantics copies each ``new__X`` output back into input ``X``
+     (``OrtGraph.run_torch(..., write_back=True)``).
+   - ``export_decompositions()`` = ``EXTRA_DECOMPOSITIONS`` (written here: ``convolution_backward``,
+     ``_scaled_dot_product_flash_attention_for_cpu_backward``, ``avg_pool2d_backward``,
+     ``_adaptive_avg_pool2d_backward``; torch's for ``native_batch_norm`` and ``nll_loss_*``, whose torchlib
+     translations are wrong for training graphs) plus torch's decomposition of every ``*_backward`` op torchlib
+     cannot translate (e.g. ``silu_backward``).
+2. The result goes through the dynamo ONNX exporter (``torch.onnx.export(..., dynamo=True)``; called through its
+   internal entry point with a cached torchlib registry, which saves ~1.5 s a graph, falling back to the public
+   call), which applies torch's ONNX-friendly decompositions (``tanh_backward``, ``native_batch_norm_backward``,
+   ``threshold_backward``, ``_softmax_backward_data`` ... become core ops) and translates with onnxscript's
+   torchlib. Plain ``torch.onnx.export(dynamo=True)`` on the raw graph fails on ``convolution_backward`` and the
+   CPU flash-attention backward ("No ONNX function found ... No decompositions registered"); the legacy
+   TorchScript exporter has no symbolic for any ``aten::*_backward`` op.
 3. The model is saved with IR version ≤ 10 (what onnxruntime 1.19 loads), written to a temp file in the target
    directory and ``os.replace``d, so a failed export never leaves a half-written file.
 
@@ -36,7 +42,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import onnx
 import torch
@@ -199,6 +205,44 @@ class PreparedGraph:
     mutated_inputs: list[int]  # indices of the inputs whose new values are the extra outputs, in order
 
 
+_TABLE_CACHE: dict[str, dict] = {}
+
+
+def export_decompositions() -> dict:
+    """The retrace table: ``EXTRA_DECOMPOSITIONS`` plus torch's decomposition of every ``*_backward`` op that
+    torchlib cannot translate (the dynamo exporter applies a similar table itself, but misses some, e.g.
+    ``silu_backward``). Forward ops are left alone: some of torch's decompositions go to prims that the exporter
+    cannot functionalize (``prims.broadcast_in_dim``).
+    """
+    if "t" not in _TABLE_CACHE:
+        table = {}
+        try:
+            registry = _registry(18)
+            for op, fn in torch._decomp.decomposition_table.items():
+                if (isinstance(op, torch._ops.OpOverload) and "backward" in op.name()
+                        and not registry.is_registered(op)):
+                    table[op] = fn
+        except Exception:  # noqa: BLE001  (private API moved: fall back to the explicit list)
+            pass
+        table.update(EXTRA_DECOMPOSITIONS)
+        _TABLE_CACHE["t"] = table
+    return _TABLE_CACHE["t"]
+
+
+def examples_from_meta(gm, graph_name: str = "graph") -> tuple[torch.Tensor, ...]:
+    """Zero tensors (on CPU) shaped like the placeholders' ``meta["val"]`` that make_fx records."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = n.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            raise ExportError(f"graph {graph_name!r}: input {n.target} has no recorded tensor value; "
+                              "pass example_inputs")
+        out.append(torch.zeros(tuple(int(d) for d in v.shape), dtype=v.dtype))
+    return tuple(out)
+
+
 def _placeholder_names(gm) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
 
@@ -216,7 +260,7 @@ def prepare_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tenso
     f = torch.func.functionalize(gm, remove="mutations")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        new = make_fx(f, decomposition_table=EXTRA_DECOMPOSITIONS,
+        new = make_fx(f, decomposition_table=export_decompositions(),
                       tracing_mode="fake" if fake_ok else "real")(*example_inputs)
     g = new.graph
     phs = [n for n in g.nodes if n.op == "placeholder"]
@@ -268,6 +312,32 @@ def _chain(exc):
         exc = exc.__cause__ or exc.__context__
 
 
+def _pin_scalar_outputs(model: onnx.ModelProto) -> None:
+    """Make every 0-d output really 0-d at run time.
+
+    torchlib lowers ``aten.add(t0d, 1)`` to ``Add(t0d, const[1])``, whose result is [1] although the graph declares
+    [] (seen for BatchNorm's ``num_batches_tracked += 1``); a trailing ``Reshape(·, [])`` fixes it.
+    """
+    g = model.graph
+    for k, out in enumerate(g.output):
+        tt = out.type.tensor_type
+        if not tt.HasField("shape") or len(tt.shape.dim) != 0:
+            continue
+        pre = f"{out.name}__pre_reshape"
+        producers = [n for n in g.node if out.name in n.output]
+        if not producers:
+            continue  # a graph input or initializer passed through: already 0-d
+        for n in g.node:
+            for lst in (n.input, n.output):
+                for i, v in enumerate(lst):
+                    if v == out.name:
+                        lst[i] = pre
+        shape_name = f"{out.name}__scalar_shape"
+        g.initializer.append(onnx.helper.make_tensor(shape_name, onnx.TensorProto.INT64, [0], []))
+        g.node.append(onnx.helper.make_node("Reshape", [pre, shape_name], [out.name],
+                                            name=f"pin_scalar_{k}"))
+
+
 def _fit_versions(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
@@ -306,6 +376,34 @@ def _quiet():
             lg.setLevel(lv)
 
 
+def _registry(opset: int):
+    """torchlib's ONNX registry, built once per opset (``torch.onnx.export`` rebuilds it, ~1.5 s, every call)."""
+    key = f"registry{opset}"
+    if key not in _TABLE_CACHE:
+        from torch.onnx._internal.exporter import _constants, _registration
+        with _quiet():
+            _TABLE_CACHE[key] = _registration.ONNXRegistry.from_torchlib(
+                opset_version=max(opset, _constants.TORCHLIB_OPSET))
+    return _TABLE_CACHE[key]
+
+
+def _dynamo_export(module, args, input_names, output_names, opset) -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=True)``, through its internal entry point with a cached registry when available."""
+    with _quiet():
+        try:
+            from torch.onnx._internal.exporter import _core
+            registry = _registry(opset)
+        except (ImportError, AttributeError):
+            prog = torch.onnx.export(module, tuple(args), dynamo=True, opset_version=opset,
+                                     input_names=list(input_names), output_names=list(output_names),
+                                     optimize=True, verify=False, report=False, external_data=False)
+        else:
+            prog = _core.export(module, tuple(args), registry=registry, input_names=list(input_names),
+                                output_names=list(output_names), optimize=True, verify=False, report=False,
+                                opset_version=opset)
+    return prog.model_proto
+
+
 @contextlib.contextmanager
 def _ort_log_level(level: int):
     """onnxruntime's C++ logger prints every graph transformer at INFO while generating artifacts."""
@@ -322,7 +420,7 @@ def graph_to_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tenso
     """Convert ``gm`` to an in-memory ModelProto (see the module docstring for the route and naming)."""
     if not 7 <= opset <= MAX_OPSET:
         raise ExportError(f"{graph_name}: opset {opset} not supported; use 18..{MAX_OPSET}")
-    example_inputs = tuple(example_inputs)
+    example_inputs = tuple(example_inputs) if example_inputs is not None else examples_from_meta(gm, graph_name)
     in_names = list(input_names) if input_names is not None else list(_placeholder_names(gm))
     if len(in_names) != len(example_inputs):
         raise ExportError(f"{graph_name}: {len(in_names)} input names for {len(example_inputs)} example inputs")
@@ -342,11 +440,7 @@ def graph_to_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tenso
     if len(set(in_names + out_names)) != len(in_names) + len(out_names):
         raise ExportError(f"{graph_name}: input/output names are not unique: {in_names + out_names}")
     try:
-        with _quiet():
-            prog = torch.onnx.export(_Wrapper(prep.graph_module), example_inputs, dynamo=True,
-                                     opset_version=opset, input_names=in_names, output_names=out_names,
-                                     optimize=True, verify=False, report=False, external_data=False)
-        model = prog.model_proto
+        model = _dynamo_export(_Wrapper(prep.graph_module), example_inputs, in_names, out_names, opset)
     except Exception as e:  # noqa: BLE001
         op = _unsupported_op(e)
         what = f"op {op} has no ONNX translation" if op else f"{type(e).__name__}: {str(e).splitlines()[0]}"
@@ -355,6 +449,7 @@ def graph_to_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tenso
             f"lwcompile.passes.onnx_export.EXTRA_DECOMPOSITIONS (aten op -> function of forward ops), or "
             f"rewrite the model so the op does not appear.") from e
     model = _fit_versions(model)
+    _pin_scalar_outputs(model)
     model.graph.name = re.sub(r"\W", "_", graph_name) or "graph"
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
@@ -364,13 +459,14 @@ def graph_to_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tenso
     return model
 
 
-def export_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], path: str,
+def export_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None, path: str,
                         input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                         opset: int = 18, graph_name: str | None = None) -> onnx.ModelProto:
     """Write ``gm`` to the standalone ONNX file ``path`` (atomically) and return the ModelProto.
 
     Inputs keep ``input_names`` (default: the placeholders' names); outputs are ``output_names`` (default
-    ``out0, out1, ...``) followed by ``new__<input>`` for every input the graph mutates in place.
+    ``out0, out1, ...``) followed by ``new__<input>`` for every input the graph mutates in place. Shapes are the
+    example inputs' (static). ``example_inputs=None`` uses zeros shaped like the placeholders' make_fx metadata.
     """
     name = graph_name or os.path.splitext(os.path.basename(path))[0]
     model = graph_to_onnx(gm, example_inputs, input_names, output_names, opset, name)
@@ -509,7 +605,7 @@ class _LinearTransform(torch.nn.Module):
         return self._apply(x, self.weight, self.bias, self._attrs)
 
 
-def _loss_block(local_loss: str, transfer: str, tkw: dict, prox: float, params: list[str], base_inputs):
+def _loss_block(local_loss: str, transfer: str, tkw: dict, prox: float, params: list[str]):
     """A custom onnxblock.Block: sum of the local loss over every element + (λ/2)‖θ − θ0‖² over ``params``.
 
     Built from plain ONNX ops whose gradients onnxruntime-training implements. Its value is
@@ -616,14 +712,18 @@ def export_training_artifacts(block_op, weight: torch.Tensor, bias: torch.Tensor
                               target_example: torch.Tensor, transfer: str = "identity",
                               local_loss: str = "squared_pre", prox: float = 0.0, optimizer: str = "sgd",
                               out_dir: str = "artifacts", attrs: dict | None = None,
-                              transfer_kwargs: dict | None = None, opset: int = 18) -> dict:
+                              transfer_kwargs: dict | None = None, opset: int = 18,
+                              optimizer_options: dict | None = None) -> dict:
     """onnxruntime-training artifacts for one block's inner loop, written to ``out_dir`` (atomically).
 
     ``block_op`` is an op kind of ``LINEAR_OPS`` ("linear", "conv2d", ...) or an ``lwcompile.ir.Block`` (its op,
     attrs and transfer kwargs are used). Graph inputs of the training model: ``x``, ``target`` and, when
     ``prox > 0``, ``weight_ref`` (and ``bias_ref``) — the frozen W0 of the proximal term. Trainable parameters:
     ``weight`` (and ``bias``). The loss is summed over the batch (METHOD.md). ``optimizer``: "sgd" (W ← W − lr·g)
-    or "adamw" (onnxruntime's AdamW: betas (0.9, 0.999), eps 1e-8, weight_decay 0.01).
+    or "adamw": onnxruntime's AdamWOptimizer in its Hugging Face mode (adam_mode=1): m, v as Adam,
+    W ← W − lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε), then W ← W − lr·wd·W. ``optimizer_options``: betas (0.9, 0.999),
+    eps (1e-8 here; onnxruntime's own default is 1e-6), weight_decay (0.0), bias_correction (True).
+    The learning rate is not baked in: set it at run time (``OrtTrainingBlock.train(..., lr=)``).
     Files: training_model.onnx, eval_model.onnx, optimizer_model.onnx, checkpoint, lwblock.json (this description).
     Returns the description.
     """
@@ -641,20 +741,28 @@ def export_training_artifacts(block_op, weight: torch.Tensor, bias: torch.Tensor
                  "output_padding": (0,) * nd}
     if local_loss not in LOCAL_LOSSES:
         raise ExportError(f"training artifacts: local loss {local_loss!r} unknown; known: {LOCAL_LOSSES}")
-    if transfer not in ARTIFACT_TRANSFERS:
+    if local_loss != "squared_pre" and transfer not in ARTIFACT_TRANSFERS:  # squared_pre never applies f
         raise ExportError(f"training artifacts: transfer {transfer!r} not supported; supported: {ARTIFACT_TRANSFERS}")
-    optim = {"sgd": ort_artifacts.OptimType.SGD, "adamw": ort_artifacts.OptimType.AdamW}.get(optimizer)
-    if optim is None:
+    opts = dict(optimizer_options or {})
+    if optimizer == "sgd":
+        if opts:
+            raise ExportError(f"training artifacts: SGD takes no options (got {sorted(opts)}); the lr is set at run time")
+        optim = ort_artifacts.OptimType.SGD
+    elif optimizer == "adamw":
+        from onnxruntime.training import onnxblock
+        bad = set(opts) - {"betas", "eps", "weight_decay", "bias_correction"}
+        if bad:
+            raise ExportError(f"training artifacts: unknown AdamW options {sorted(bad)}")
+        opts.setdefault("eps", 1e-8)
+        opts.setdefault("weight_decay", 0.0)
+        optim = onnxblock.optim.AdamW(**{k: (tuple(v) if k == "betas" else v) for k, v in opts.items()})
+    else:
         raise ExportError(f"training artifacts: optimizer {optimizer!r} unknown; use 'sgd' or 'adamw'")
 
     mod = _LinearTransform(block_op, weight, bias, attrs)
     params = ["weight"] + ([] if bias is None else ["bias"])
     try:
-        with _quiet():
-            prog = torch.onnx.export(mod, (x_example.detach().float(),), dynamo=True, opset_version=opset,
-                                     input_names=["x"], output_names=["z"], optimize=True, verify=False,
-                                     external_data=False)
-        base = _fit_versions(prog.model_proto)
+        base = _fit_versions(_dynamo_export(mod, (x_example.detach().float(),), ["x"], ["z"], opset))
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"training artifacts: the {block_op} transform could not be exported: {e}") from e
     inits = {i.name for i in base.graph.initializer}
@@ -669,28 +777,23 @@ def export_training_artifacts(block_op, weight: torch.Tensor, bias: torch.Tensor
         shapes = {"weight": list(weight.shape), "bias": None if bias is None else list(bias.shape)}
         for p in params:
             base.graph.input.append(helper.make_tensor_value_info(p + "_ref", TensorProto.FLOAT, shapes[p]))
-    loss = _loss_block(local_loss, transfer, tkw, prox, params, None)
+    loss = _loss_block(local_loss, transfer, tkw, prox, params)
 
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    cwd = os.getcwd()
     try:
-        os.chdir(tmp)  # onnxblock writes temp files into the cwd
-        try:
-            with _quiet(), _ort_log_level(3):
-                ort_artifacts.generate_artifacts(base, requires_grad=params, frozen_params=[], loss=loss,
-                                                 optimizer=optim, artifact_directory=tmp)
-        finally:
-            os.chdir(cwd)
+        with _quiet(), _ort_log_level(3):
+            ort_artifacts.generate_artifacts(base, requires_grad=params, frozen_params=[], loss=loss,
+                                             optimizer=optim, artifact_directory=tmp)
         files = sorted(f for f in os.listdir(tmp) if not f.startswith("temp"))
         for f in os.listdir(tmp):
             if f.startswith("temp"):
                 os.remove(os.path.join(tmp, f))
         info = {"op": block_op, "attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
                 "transfer": transfer, "transfer_kwargs": tkw, "local_loss": local_loss, "prox": prox,
-                "optimizer": optimizer, "params": params,
+                "optimizer": optimizer, "optimizer_options": opts, "params": params,
                 "inputs": ["x", "target"] + ([p + "_ref" for p in params] if prox > 0 else []),
                 "x_shape": list(x_example.shape), "target_shape": z_shape,
                 "files": files + ["lwblock.json"]}
@@ -707,3 +810,47 @@ def export_training_artifacts(block_op, weight: torch.Tensor, bias: torch.Tensor
         raise ExportError(f"training artifacts for {block_op}/{transfer}/{local_loss} failed: "
                           f"{type(e).__name__}: {e}") from e
     return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A compiled Program -> a directory
+# ---------------------------------------------------------------------------------------------------------------
+def export_program(prog, out_dir: str, devices: Mapping[str, str] | None = None, training: bool = True,
+                   optimizer: str = "sgd", opset: int = 18, example_labels: Any = None) -> dict:
+    """``prog.export_onnx(out_dir)``: the target graph, every block's inner-update graph and (``training=True``)
+    its onnxruntime-training artifacts, plus ``manifest.json`` (see :func:`export_onnx_dir`).
+
+    ``devices`` maps block names to device strings for the manifest (e.g. from a plan). The target graph must have
+    been built (``prog.step`` once, or ``example_labels`` given). Blocks whose (transfer, local loss) pair has no
+    artifact loss (e.g. GELU with the matching loss) are listed under ``"training_skipped"`` with the reason.
+    """
+    devices = dict(devices or {})
+    if example_labels is not None:
+        prog.build_target_graph(example_labels)
+    tg = prog.target_graph
+    sig = prog.target_signature
+    # ONNX names are SSA values, so an output may not reuse an input's name: the signature's block-input outputs
+    # "input:<block>" collide with model inputs "input:<i>" when a block is named like an index ("0").
+    t_ins = list(sig.input_names)
+    t_outs = [("block_" + o if o in t_ins else o) for o in sig.output_names]
+    graphs = [GraphExport("target", tg, None, t_ins, t_outs, kind="target")]
+    train, skipped = [], {}
+    cfg = prog.config
+    for b in prog.blocks:
+        ins, outs = prog.inner_io_names(b.name)
+        graphs.append(GraphExport(f"inner/{b.name}", prog.inner_graph(b.name), None, ins, outs, block=b.name,
+                                  device=devices.get(b.name), kind="inner"))
+        if not training:
+            continue
+        if cfg.local_loss != "squared_pre" and b.transfer not in ARTIFACT_TRANSFERS:
+            skipped[b.name] = f"transfer {b.transfer!r} has no artifact loss for {cfg.local_loss!r}"
+            continue
+        weight = prog.model.get_parameter(b.weight).detach().float().cpu()
+        bias = None if b.bias is None else prog.model.get_parameter(b.bias).detach().float().cpu()
+        train.append(TrainingExport(b.name, dict(
+            block_op=b, weight=weight, bias=bias, x_example=torch.zeros(b.input_shape),
+            target_example=torch.zeros(b.output_shape), transfer=b.transfer, local_loss=cfg.local_loss,
+            prox=float(cfg.prox), optimizer=optimizer, opset=opset), device=devices.get(b.name)))
+    return export_onnx_dir(out_dir, graphs, train, opset=opset,
+                           meta={"config": {k: v for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") else {},
+                                 "blocks": [b.name for b in prog.blocks], "training_skipped": skipped})

@@ -50,7 +50,7 @@ class TargetSignature:
 
     @property
     def output_names(self) -> list[str]:
-        return (["loss"] + [f"input:{b}" for b in self.blocks] + [f"target:{b}" for b in self.blocks]
+        return (["loss"] + [f"block_input:{b}" for b in self.blocks] + [f"target:{b}" for b in self.blocks]
                 + [f"grad:{p}" for p in self.nonblock])
 
 
