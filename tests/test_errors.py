@@ -132,3 +132,20 @@ def test_target_graph_before_first_step_explains_what_to_do():
         prog.target_graph
     g = prog.build_target_graph(torch.randn(5, 2))
     assert "aten" in g.code
+
+
+def test_partition_postcondition_catches_misread_conv_attributes():
+    from dataclasses import replace
+
+    from lwcompile.passes.checks import ensures_partition
+    from lwcompile.passes.partition import Partition, partition
+    from lwcompile.passes.trace import trace
+
+    m = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.ReLU())
+    x = torch.randn(2, 1, 7, 7)
+    gm = trace(m, (x,)).graph_module
+    part = partition(gm, (x,))
+    ensures_partition(gm, part)
+    bad = replace(part.blocks[0], attrs=tuple((k, (1, 1) if k == "stride" else v) for k, v in part.blocks[0].attrs))
+    with pytest.raises(PartitionError, match="block '0'.*attributes"):
+        ensures_partition(gm, Partition((bad,), part.nonblock, part.edges, part.warnings))
