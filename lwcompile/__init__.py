@@ -9,11 +9,12 @@ Example:
 """
 from lwcompile.api import transform
 from lwcompile.config import Config
-from lwcompile.errors import (ConfigError, ExportError, LossError, LwcompileError, NonFiniteError, PartitionError,
+from lwcompile.errors import (ConfigError, DistributedError, ExportError, LossError, LwcompileError, NonFiniteError,
+                              PartitionError,
                               TraceError)
 from lwcompile.ir import Block
 from lwcompile.program import Program
 
 __all__ = ["transform", "Config", "Program", "Block", "LwcompileError", "ConfigError", "TraceError", "PartitionError",
-           "NonFiniteError", "LossError", "ExportError"]
+           "NonFiniteError", "LossError", "ExportError", "DistributedError"]
 __version__ = "0.1.0"

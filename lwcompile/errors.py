@@ -28,3 +28,7 @@ class LossError(LwcompileError, ValueError):
 
 class ExportError(LwcompileError):
     """A graph could not be exported (names the graph and the op)."""
+
+
+class DistributedError(LwcompileError, RuntimeError):
+    """A rank failed, hung or lost its connection during distributed training; names the rank and the phase."""

@@ -12,6 +12,7 @@ from torch import nn
 from lwcompile.config import Config
 from lwcompile.errors import ConfigError, LwcompileError, NonFiniteError
 from lwcompile.ir import Block, TraceResult
+from lwcompile.passes.checks import ensures_partition, ensures_tap
 from lwcompile.passes.inner import build_inner_graph, inner_example, inner_io_names
 from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.partition import Partition, partition
@@ -76,7 +77,9 @@ class Program:
         self._flags = _training_flags(self.model)
         self.trace_result: TraceResult = trace(self.model, self.example_inputs, self.config.frontend)
         self.partition: Partition = partition(self.trace_result.graph_module, self.example_inputs, self.config.skip)
+        ensures_partition(self.trace_result.graph_module, self.partition)
         self.tapped = tap(self.trace_result.graph_module, self.partition.blocks)
+        ensures_tap(self.tapped, self.partition.blocks)
         gm = self.trace_result.graph_module
         self._param_names = tuple(n for n, _ in gm.named_parameters())
         self._buffer_names = tuple(n for n, _ in gm.named_buffers())
@@ -219,10 +222,13 @@ class Program:
             "grads": dict(zip(sig.nonblock, outs[1 + 2 * m:])),
         }
 
-    def inner_jobs(self, inputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> dict:
-        """Block name -> (inner graph, its arguments) for one step."""
+    def inner_jobs(self, inputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+                   names: Sequence[str] | None = None) -> dict:
+        """Block name -> (inner graph, its arguments) for one step (only the blocks in ``names``, when given)."""
         jobs = {}
         for b in self.blocks:
+            if names is not None and b.name not in names:
+                continue
             x = inputs[b.name].contiguous()  # the inner graphs are traced for contiguous inputs
             lr = torch.tensor(self._inner_lr, dtype=x.dtype, device=x.device)
             args = [self._param(p).detach() for p in b.params] + [x, targets[b.name].contiguous(), lr, *self._inner_state[b.name]]

@@ -1,76 +1,126 @@
 """Local runtime: run the blocks' inner-update graphs in one process.
 
 Blocks assigned to the same device run one after another; different devices run concurrently in threads
-(PyTorch releases the GIL inside kernels, and each CUDA device gets its own stream). With no assignment
-everything runs in order on the tensors' own device, costing nothing beyond the inner loops' arithmetic.
+(PyTorch releases the GIL inside kernels, and each CUDA device gets its own stream, ordered after the work that
+produced the inputs). With no assignment everything runs in order on the tensors' own device, costing nothing
+beyond the inner loops' arithmetic. Devices named "sim:N" (and "cpu") run on the tensors' own device: threads
+that share the CPU, which is how a plan for N simulated devices is executed and measured.
+
+``assignment`` may also be a *runner*: any object with ``run_jobs(jobs) -> results`` (the distributed runtime
+passes one through ``Program.step`` to run only its own blocks and exchange the results).
 
 Example:
     >>> import torch
-    >>> jobs = {"a": (lambda x: (x + 1,), (torch.zeros(2),))}
+    >>> jobs = {"a": (lambda x: (x + 1,), (torch.zeros(2),)), "b": (lambda x: (x * 2,), (torch.ones(2),))}
     >>> run_jobs(jobs)["a"][0]
     tensor([1., 1.])
+    >>> run_jobs(jobs, {"sim:0": ["a"], "sim:1": ["b"]})["b"][0]
+    tensor([2., 2.])
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from lwcompile.errors import ConfigError
 
 Job = tuple[Callable[..., tuple[torch.Tensor, ...]], Sequence[torch.Tensor]]
 
 
+@runtime_checkable
+class Runner(Protocol):
+    """Something that runs a step's jobs itself (e.g. across processes) and returns every job's results."""
+
+    def run_jobs(self, jobs: Mapping[str, Job]) -> dict[str, tuple]: ...
+
+
+def run_jobs(jobs: Mapping[str, Job], assignment: Mapping[str, Sequence[str]] | Runner | None = None
+             ) -> dict[str, tuple]:
+    """Run every job; ``assignment`` maps a device name to the job names it runs, in order (or is a :class:`Runner`).
+
+    Every job must be assigned exactly once. Results come back on each job's own device (that of its first argument).
+    """
+    if isinstance(assignment, Runner):
+        return assignment.run_jobs(jobs)
+    with torch.no_grad():
+        if not assignment:
+            return _run_device(None, list(jobs), jobs)
+        groups = _check(jobs, assignment)
+        if len(groups) == 1:
+            (device, names), = groups.items()
+            return _run_device(_real(device), names, jobs)
+        results: dict[str, tuple] = {}
+        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="lwcompile-device") as pool:
+            futures = [pool.submit(_run_no_grad, _real(d), names, jobs) for d, names in groups.items()]
+            for f in futures:  # wait for all before raising, so no thread outlives the call
+                f.exception()
+            for f in futures:
+                results.update(f.result())
+        return results
+
+
+def _check(jobs: Mapping[str, Job], assignment: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The non-empty device groups; raises unless every job is assigned exactly once."""
+    seen: dict[str, str] = {}
+    for device, names in assignment.items():
+        if isinstance(names, str):
+            raise ConfigError(f"assignment[{device!r}] = {names!r}: expected a list of block names, not a string.")
+        for n in names:
+            if n not in jobs:
+                raise ConfigError(f"assignment[{device!r}] names {n!r}, which is not a block of this program; "
+                                  f"blocks are {list(jobs)[:8]}. Use prog.plan(...).assignment.")
+            if n in seen:
+                raise ConfigError(f"block {n!r} is assigned to both {seen[n]!r} and {device!r}; assign it once.")
+            seen[n] = device
+    missing = [n for n in jobs if n not in seen]
+    if missing:
+        raise ConfigError(f"the assignment leaves block(s) {missing[:8]} unassigned; every block needs a device "
+                          "(use prog.plan(...).assignment).")
+    return {d: list(names) for d, names in assignment.items() if names}
+
+
+def _run_no_grad(device: str | None, names: Sequence[str], jobs: Mapping[str, Job]) -> dict[str, tuple]:
+    with torch.no_grad():
+        return _run_device(device, names, jobs)
+
+
 def _run_device(device: str | None, names: Sequence[str], jobs: Mapping[str, Job]) -> dict[str, tuple]:
-    out = {}
-    if device is None:
+    """Run ``names`` in order on ``device`` (None: where their tensors are)."""
+    out: dict[str, tuple] = {}
+    dev = torch.device(device) if device is not None else None
+    stream = None
+    if dev is not None and dev.type == "cuda":
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))  # inputs made on the default stream come first
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
         for name in names:
             fn, args = jobs[name]
-            out[name] = tuple(fn(*args))
-        return out
-    dev = torch.device(device)
-    stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-    ctx = torch.cuda.stream(stream) if stream is not None else _null()
-    with ctx:
-        for name in names:
-            fn, args = jobs[name]
-            home = args[0].device
-            res = fn(*(a.to(dev, non_blocking=True) for a in args))
-            out[name] = tuple(r.to(home) for r in res)
+            try:
+                if dev is None:
+                    out[name] = tuple(fn(*args))
+                    continue
+                home = _home(args)
+                res = fn(*(_to(a, dev) for a in args))
+                out[name] = tuple(r.to(home) if isinstance(r, torch.Tensor) else r for r in res)
+            except Exception as e:
+                e.add_note(f"(while running the inner loop of block {name!r}" + (f" on {device})" if device else ")"))
+                raise
     if stream is not None:
         stream.synchronize()
     return out
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _home(args: Sequence[Any]) -> torch.device | None:
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
 
 
-def run_jobs(jobs: Mapping[str, Job], assignment: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple]:
-    """Run every job; ``assignment`` maps a device name to the job names it runs, in order.
-
-    Devices named "sim:N" are simulated (one thread each, on the tensors' own device).
-    """
-    with torch.no_grad():
-        if not assignment or len(assignment) == 1:
-            names = list(jobs) if not assignment else list(next(iter(assignment.values())))
-            dev = None if not assignment else _real(next(iter(assignment)))
-            return _run_device(dev, names, jobs)
-        results: dict[str, tuple] = {}
-        with ThreadPoolExecutor(max_workers=len(assignment)) as pool:
-            futs = [pool.submit(_run_no_grad, _real(d), list(n), jobs) for d, n in assignment.items()]
-            for f in futs:
-                results.update(f.result())
-        return results
-
-
-def _run_no_grad(device, names, jobs):
-    with torch.no_grad():
-        return _run_device(device, names, jobs)
+def _to(a: Any, dev: torch.device) -> Any:
+    return a.to(dev, non_blocking=True) if isinstance(a, torch.Tensor) else a
 
 
 def _real(device: str) -> str | None:
+    """The torch device a plan's device name runs on; None for simulated devices and the CPU (run in place)."""
     return None if device.startswith("sim:") or device == "cpu" else device
