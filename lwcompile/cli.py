@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lwcompile import cli_export
 from lwcompile.errors import ConfigError, LwcompileError
 
 
@@ -142,13 +143,13 @@ def _write(path: str, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
-COMMANDS: list[Callable[[Any], None]] = [add_plan_command]
+COMMANDS: list[Callable[[Any], Any]] = [add_plan_command, cli_export.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="lwcompile", description="Compile PyTorch models for layer-wise "
-                                     "local-loss training (LocoProp): plan, export and train them.")
+                                     "local-loss training (LocoProp): plan and export them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

@@ -2,21 +2,28 @@
 
 ``OrtGraph(path)`` runs one standalone ONNX file made by :mod:`lwcompile.passes.onnx_export` (CPU).
 ``OrtTrainingBlock(artifacts_dir)`` runs a block's inner loop with onnxruntime-training (CheckpointState,
-Module, Optimizer) from the artifacts of :func:`lwcompile.passes.onnx_export.export_training_artifacts`.
+Module, Optimizer) from the artifacts of :func:`lwcompile.passes.onnx_training.export_training_artifacts`.
+``OrtProgram(out_dir)`` runs whole training steps of a program exported with ``prog.export_onnx(out_dir)``.
 
 Example:
     >>> g = OrtGraph("out/target.onnx")                     # doctest: +SKIP
     >>> loss, *rest = g(*inputs)                            # numpy arrays  # doctest: +SKIP
     >>> blk = OrtTrainingBlock("out/training/fc1")           # doctest: +SKIP
     >>> w = blk.train(x, target, steps=10, lr=1e-3)          # {"weight": ..., "bias": ...}  # doctest: +SKIP
+    >>> run = OrtProgram("out"); loss = run.step(x, y); run.write_back(model)   # doctest: +SKIP
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from lwcompile.errors import LwcompileError, NonFiniteError
+from lwcompile.passes.inner import inner_lr_factor
+from lwcompile.runtime.ort_optim import NumpyOptimizer, make_numpy_optimizer
 
 MUTATED_PREFIX = "new__"
 
@@ -34,7 +41,7 @@ def to_numpy(x: Any, dtype=None) -> np.ndarray:
     a = np.asarray(x)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else np.array(a, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
 def _ort():
@@ -65,6 +72,7 @@ class OrtGraph:
         self.input_names = [i.name for i in self.inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._dtypes = [_NP_OF_ONNX.get(i.type) for i in self.inputs]
+        self._shapes = [tuple(i.shape) for i in self.inputs]
 
     def _feed(self, args, kwargs) -> dict[str, np.ndarray]:
         if len(args) > len(self.input_names):
@@ -77,7 +85,13 @@ class OrtGraph:
         missing = [n for n in self.input_names if n not in vals]
         if missing:
             raise TypeError(f"{self.path}: missing inputs {missing}")
-        return {n: to_numpy(vals[n], dt) for n, dt in zip(self.input_names, self._dtypes)}
+        feed = {n: to_numpy(vals[n], dt) for n, dt in zip(self.input_names, self._dtypes)}
+        for (n, a), want in zip(feed.items(), self._shapes):
+            if len(a.shape) != len(want) or any(isinstance(w, int) and w != d for w, d in zip(want, a.shape)):
+                raise LwcompileError(f"{os.path.basename(self.path)}: input {n!r} has shape {list(a.shape)}, but the "
+                                     f"graph was exported for {list(want)} (exported graphs have static shapes: "
+                                     "export again with example inputs of this shape).")
+        return feed
 
     def run(self, *args, **kwargs) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(None, self._feed(args, kwargs)))
@@ -180,3 +194,180 @@ class OrtTrainingBlock:
         out = self.module(*self._inputs(x, target, refs))
         self.module.train()
         return float(np.asarray(out))
+
+
+class OrtProgram:
+    """Training steps of an exported program, from the files alone, in onnxruntime sessions (torch is not called).
+
+    One :meth:`step` does what ``Program.step`` does: the target graph gives the loss, each block's input and target
+    and the non-block gradients, and the new BatchNorm-style buffers (its ``new__`` outputs); each block's
+    inner-update graph gives its new weights and inner-optimizer state; the non-block parameters take one step of the
+    outer optimizer (:mod:`lwcompile.runtime.ort_optim`, torch.optim's update in numpy). Parameters, buffers and
+    optimizer states start from the values saved at export time, so ``OrtProgram(dir)`` continues where the program
+    was. Nothing changes when the loss, a target or a new weight is not finite (``check_finite``).
+
+    ``inner="training"`` runs the inner loop of each block that has onnxruntime-training artifacts with them instead
+    (``OrtTrainingBlock``: T steps of onnxruntime's SGD at lr·max(1 − k/T, 0.25) or lr, the proximal anchor the
+    weights at the start of the step); the other blocks use their inner graph. This equals ``Program.step`` when
+    ``Config.inner_optimizer == "gd"`` (the artifacts' optimizer is SGD, exported with ``optimizer="sgd"``, the
+    default), with or without ``inner_lr_decay``. With another inner optimizer the inner loop is plain SGD instead
+    (a different method; no inner state is kept).
+
+    Example:
+        >>> import torch, lwcompile
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> prog = lwcompile.transform(m, torch.nn.functional.mse_loss, torch.randn(16, 4), steps=2)
+        >>> _ = prog.export_onnx("/tmp/lw_ort", example_labels=torch.randn(16, 2))   # doctest: +SKIP
+        >>> run = OrtProgram("/tmp/lw_ort")                                          # doctest: +SKIP
+        >>> loss = run.step(torch.randn(16, 4).numpy(), torch.randn(16, 2).numpy())  # doctest: +SKIP
+        >>> run.write_back(m)                                                        # doctest: +SKIP
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, inner: str = "graphs", threads: int | None = None) -> None:
+        if inner not in ("graphs", "training"):
+            raise LwcompileError(f"OrtProgram(inner={inner!r}): use 'graphs' (the inner-update graphs) or 'training' "
+                                 "(the onnxruntime-training artifacts).")
+        self.dir = str(out_dir)
+        path = os.path.join(self.dir, "manifest.json")
+        if not os.path.isfile(path):
+            raise LwcompileError(f"{self.dir}: no manifest.json; write the directory with prog.export_onnx(dir).")
+        with open(path) as fh:
+            self.manifest = json.load(fh)
+        prog = self.manifest.get("program")
+        if prog is None:
+            raise LwcompileError(f"{path} has no 'program' section (format {self.manifest.get('format')!r}); "
+                                 "export the directory again with prog.export_onnx(dir).")
+        self.program, self.mode = prog, inner
+        self.blocks = [b["name"] for b in prog["blocks"]]
+        self.config = dict(prog["config"])
+        self.inner_lr = float(prog["inner"]["lr"])
+        self.step_count = int(prog.get("step_count", 0))
+        self.params = self._load(prog["params_file"], prog["params"])
+        self.buffers = self._load(prog["buffers_file"], prog["buffers"])
+        state = self._load(prog["inner"]["state_file"], [k for b in prog["blocks"] for k in b["state"]])
+        self.inner_state = {b["name"]: tuple(state[k] for k in b["state"]) for b in prog["blocks"]}
+        self.outer = self._make_outer()
+        files = {f["file"]: f for f in self.manifest["files"]}
+        self._target = OrtGraph(os.path.join(self.dir, prog["target"]["file"]), threads=threads)
+        self._mutates = files[prog["target"]["file"]].get("mutates", {})
+        self._inner = {b["name"]: OrtGraph(os.path.join(self.dir, b["file"]), threads=threads) for b in prog["blocks"]}
+        self._training = {b["name"]: OrtTrainingBlock(os.path.join(self.dir, b["training"]))
+                          for b in prog["blocks"] if inner == "training" and b.get("training")}
+        opts = {t.info["optimizer"] for t in self._training.values()}
+        if self._training and (prog["inner"]["optimizer"] != "gd" or opts != {"sgd"}):
+            warnings.warn(f"OrtProgram(inner='training'): the artifacts' optimizer ({', '.join(sorted(opts))}) runs "
+                          f"the inner loop, not the program's {prog['inner']['optimizer']!r}; the result differs from "
+                          "Program.step (they are equal for inner_optimizer='gd' with SGD artifacts).", stacklevel=2)
+
+    def _load(self, fname: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+        if not names:
+            return {}
+        with np.load(os.path.join(self.dir, fname)) as z:
+            missing = [n for n in names if n not in z.files]
+            if missing:
+                raise LwcompileError(f"{self.dir}/{fname} lacks {missing[:5]}; export the directory again.")
+            return {n: np.array(z[n]) for n in names}
+
+    def _make_outer(self) -> NumpyOptimizer | None:
+        outer = self.program["outer"]
+        if not outer["params"] or outer["optimizer"] == "none":
+            return None
+        opt = make_numpy_optimizer(outer["optimizer"], outer["lr"], outer.get("options"))
+        if outer.get("state_file"):
+            with np.load(os.path.join(self.dir, outer["state_file"])) as z:
+                slots: dict[str, dict[str, np.ndarray]] = {}
+                for key in z.files:
+                    name, slot = key.rsplit("/", 1)
+                    slots.setdefault(name, {})[slot] = np.array(z[key])
+            opt.load_state(slots)
+        return opt
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def compute_targets(self, x: Any, y: Any) -> dict[str, Any]:
+        """Run the target graph: loss, per block its input and target, the non-block gradients and new buffers."""
+        t = self.program["target"]
+        xs, ys = _as_tuple(x), _as_tuple(y)
+        if len(xs) != len(t["inputs"]) or len(ys) != len(t["labels"]):
+            raise LwcompileError(f"the target graph takes {len(t['inputs'])} input(s) and {len(t['labels'])} label(s); "
+                                 f"got {len(xs)} and {len(ys)}.")
+        feed = dict(zip(t["params"], (self.params[p] for p in self.program["params"])))
+        feed.update(zip(t["buffers"], (self.buffers[b] for b in self.program["buffers"])))
+        feed.update(zip(t["inputs"], xs))
+        feed.update(zip(t["labels"], ys))
+        out = self._target.run_named(**feed)
+        by_input = dict(zip(t["buffers"], self.program["buffers"]))
+        return {"loss": out[t["loss"]],
+                "inputs": {b: out[n] for b, n in t["block_inputs"].items()},
+                "targets": {b: out[n] for b, n in t["targets"].items()},
+                "grads": {p: out[n] for p, n in t["grads"].items()},
+                "buffers": {by_input[src]: out[o] for o, src in self._mutates.items() if src in by_input}}
+
+    def step(self, x: Any, y: Any) -> float:
+        """One training step on inputs ``x`` and labels ``y`` (numpy arrays, tensors, or tuples of them); returns the
+        task loss. Updates :attr:`params`, :attr:`buffers`, :attr:`inner_state` and the outer optimizer's state."""
+        res = self.compute_targets(x, y)
+        self._check("the task loss", res["loss"])
+        for name, t in res["targets"].items():
+            self._check(f"the target of block {name!r}", t)
+        new_params, new_state = {}, {}
+        for b in self.program["blocks"]:
+            name = b["name"]
+            new = self._inner_loop(b, res["inputs"][name], res["targets"][name])
+            for p, v in zip(b["params"], new[:len(b["params"])]):
+                self._check(f"the new value of {p!r} (block {name!r})", v)
+                new_params[p] = v
+            new_state[name] = tuple(new[len(b["params"]):]) if name not in self._training else self.inner_state[name]
+        self.params.update(new_params)
+        self.inner_state.update(new_state)
+        self.buffers.update(res["buffers"])
+        if self.outer is not None:
+            self.params.update(self.outer.step(self.params, res["grads"]))
+        self.step_count += 1
+        return float(res["loss"])
+
+    def _inner_loop(self, b: Mapping[str, Any], x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+        name, start = b["name"], [self.params[p] for p in b["params"]]
+        if name in self._training:
+            blk = self._training[name]
+            blk.set_params(dict(zip(blk.params, start)))
+            steps, decay = int(self.program["inner"]["steps"]), bool(self.program["inner"]["lr_decay"])
+            lrs = [self.inner_lr * inner_lr_factor(k, steps, decay) for k in range(steps)]
+            new = blk.train(x, target, steps=steps, lr=lrs[0], lr_schedule=lrs)
+            return tuple(new[k].reshape(s.shape) for k, s in zip(blk.params, start))
+        g = self._inner[name]
+        lr = np.asarray(self.inner_lr, np.float32)
+        vals = dict(zip(b["inputs"], [*start, x, target, lr, *self.inner_state[name]]))
+        return g.run(**vals)
+
+    def _check(self, what: str, a: np.ndarray) -> None:
+        if self.config.get("check_finite", True) and not np.isfinite(a).all():
+            raise NonFiniteError(f"{what} has {int((~np.isfinite(a)).sum())} NaN/inf value(s); nothing was changed. "
+                                 "Lower Config.gamma or the learning rates, or check the inputs and the loss.")
+
+    # ------------------------------------------------------------------------------------------------ results
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers by FQN (copies)."""
+        return {k: v.copy() for k, v in (self.params | self.buffers).items()}
+
+    def write_back(self, model: Any) -> None:
+        """Copy the trained parameters and buffers into a PyTorch model, by fully-qualified name."""
+        import torch
+
+        found, missing = {}, []
+        for name, v in (self.params | self.buffers).items():
+            try:
+                found[name] = model.get_parameter(name) if name in self.params else model.get_buffer(name)
+            except AttributeError:
+                missing.append(name)
+        if missing:
+            raise LwcompileError(f"write_back: the model has no {missing[:5]} (of {len(missing)} names); pass a "
+                                 f"model of the exported architecture ({type(model).__name__} given). Nothing was "
+                                 "copied.")
+        with torch.no_grad():
+            for name, t in found.items():
+                v = self.params[name] if name in self.params else self.buffers[name]
+                t.copy_(torch.from_numpy(np.array(v)).reshape(t.shape).to(t.dtype))
+
+
+def _as_tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)

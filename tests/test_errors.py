@@ -1,5 +1,4 @@
 """Bad input meets a clear exception naming the problem, and the model is left exactly as it was."""
-import copy
 import warnings
 
 import pytest

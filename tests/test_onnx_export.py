@@ -18,8 +18,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from lwcompile.errors import ExportError
 from lwcompile.passes.linear_ops import LINEAR_OPS
-from lwcompile.passes.onnx_export import (MUTATED_PREFIX, GraphExport, TrainingExport, export_graph_module,
-                                          examples_from_meta, export_onnx_dir, export_training_artifacts)
+from lwcompile.passes.onnx_export import (MUTATED_PREFIX, GraphExport, TrainingExport, examples_from_meta,
+                                          export_graph_module, export_onnx_dir)
+from lwcompile.passes.onnx_training import export_training_artifacts
 from lwcompile.passes.transfer import TRANSFERS
 from lwcompile.runtime.ort import OrtGraph, OrtTrainingBlock
 
@@ -53,7 +54,7 @@ def grad_graph(model: nn.Module, loss_fn, x, y):
 
 
 def rmsprop_inner_graph(op: str, w, b, x, a, attrs, steps=3, decay=0.9, eps=1e-8, prox=0.1):
-    """Unrolled inner loop: `steps` RMSProp iterations on ½Σ‖op(x;W)−a‖² + (λ/2)‖W−W0‖², closed-form gradients."""
+    """Unrolled inner loop: `steps` RMSProp iterations on ½Σ‖op(x;W)−a‖² + (λ/2)‖W−W0‖² (closed-form gradients)."""
     lin = LINEAR_OPS[op]
 
     def fn(W, B, x, a, lr, vW, vB):
@@ -179,6 +180,16 @@ def test_rmsprop_inner_loop(tmp_path, op):
                                    6: lambda g, t: torch.rand(t.shape, generator=g)})
     got = assert_matches(gm, fresh, p, ins, outs)
     assert not np.allclose(got["new_W"], fresh[0].numpy())
+
+
+def test_tiny_constants_survive_export(tmp_path):
+    """onnxscript's optimizer takes ``x + 1e-8`` for ``x + 0``; Adam's eps must survive (0/0 = NaN otherwise)."""
+    fn = lambda m, v: (m / (torch.sqrt(v) + 1e-8), v * (1 + 1e-9))  # noqa: E731
+    inputs = (torch.zeros(3), torch.zeros(3))
+    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    export_graph_module(gm, inputs, str(tmp_path / "eps.onnx"), ["m", "v"], ["step", "v2"])
+    step, _ = OrtGraph(str(tmp_path / "eps.onnx"))(np.zeros(3, np.float32), np.zeros(3, np.float32))
+    assert np.array_equal(step, np.zeros(3, np.float32))
 
 
 # ------------------------------------------------------------------------------------------ directory + failure

@@ -1,0 +1,210 @@
+"""``lwcompile export MODULE:FACTORY OUT_DIR``: compile a model and write everything needed to train it from ONNX files.
+
+    lwcompile export mypkg.models:build out/ --steps 5 --inner-optimizer adam --devices 2
+
+The factory contract: ``FACTORY()`` (no arguments) returns one of
+
+- ``(model, example_inputs)``
+- ``(model, example_inputs, loss_fn)``
+- ``(model, example_inputs, loss_fn, example_labels)``
+
+``example_inputs`` is a tensor or a tuple of tensors (the model's positional inputs); ``loss_fn(output, *labels)``
+returns the scalar task loss and may be ``None``. ``--loss`` overrides it (default, when neither gives one: MSE).
+The labels fix the target graph's label shapes: the factory's ``example_labels``, else zeros of ``--labels-shape``
+(and ``--labels-dtype``), else zeros shaped like the model's output. Every exported graph has the static shapes of
+these examples. ``MODULE`` is an importable module or a path to a ``.py`` file.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="lwcompile"); sub = parser.add_subparsers(dest="command")
+    >>> add_parser(sub)  # doctest: +ELLIPSIS
+    ArgumentParser(...)
+    >>> args = parser.parse_args(["export", "lwcompile.cli_export:demo_factory", "/tmp/lw_cli", "--steps", "2"])
+    >>> run(args)  # doctest: +SKIP
+    0
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lwcompile.config import INNER_OPTIMIZERS, LOCAL_LOSSES, OUTER_OPTIMIZERS, TARGETS
+from lwcompile.errors import ConfigError, LwcompileError
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "mse": F.mse_loss, "cross_entropy": F.cross_entropy, "bce_logits": F.binary_cross_entropy_with_logits,
+    "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss, "nll": F.nll_loss,
+}
+
+
+def demo_factory() -> tuple[nn.Module, torch.Tensor]:
+    """A tiny MLP: ``lwcompile export lwcompile.cli_export:demo_factory out/``."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)), torch.randn(32, 8)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``export`` subcommand on an ``argparse`` subparsers object; it sets ``func=run``."""
+    p = subparsers.add_parser(
+        "export", help="compile a model and export its graphs, state and manifest to ONNX",
+        description="Compile MODULE:FACTORY and write the target graph, every block's inner-update graph, "
+                    "onnxruntime-training artifacts, the parameters and optimizer states and manifest.json to "
+                    "OUT_DIR (lwcompile.runtime.ort.OrtProgram(OUT_DIR) trains from them).",
+        epilog="FACTORY() returns (model, example_inputs), (model, example_inputs, loss_fn) or (model, "
+               "example_inputs, loss_fn, example_labels).")
+    p.add_argument("factory", metavar="MODULE:FACTORY", help="importable module or .py file, and a function in it")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (replaced atomically if it exists)")
+    p.add_argument("--target", choices=TARGETS, help="target kind (default: Config's)")
+    p.add_argument("--local-loss", choices=LOCAL_LOSSES, help="local loss (default: the target's METHOD.md pair)")
+    p.add_argument("--loss", help=f"task loss: one of {sorted(LOSSES)} or MODULE:FUNCTION (default: the factory's, "
+                                  "else mse)")
+    p.add_argument("--gamma", type=float, help="activation learning rate γ")
+    p.add_argument("--steps", type=int, help="inner iterations T")
+    p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS)
+    p.add_argument("--inner-lr", type=float)
+    p.add_argument("--prox", type=float, help="proximal weight λ")
+    p.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS)
+    p.add_argument("--outer-lr", type=float)
+    p.add_argument("--devices", type=_devices, help="place the blocks on N simulated devices or on cuda:0,cuda:1,... "
+                                                     "(recorded per block in the manifest)")
+    p.add_argument("--mode", choices=("replicated", "partitioned"), default="replicated", help="placement mode")
+    p.add_argument("--labels-shape", type=_shape, help="example labels' shape, e.g. 32,4 (default: the output's)")
+    p.add_argument("--labels-dtype", choices=("float32", "float64", "int64"), default=None,
+                   help="example labels' dtype (default float32; int64 for class indices)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--no-training", action="store_true", help="skip the onnxruntime-training artifacts")
+    p.add_argument("--artifact-optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="optimizer of the training artifacts (sgd equals inner_optimizer=gd)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do the export described by ``args`` (from :func:`add_parser`); 0 on success, 1 on an lwcompile error."""
+    try:
+        return _run(args)
+    except LwcompileError as e:
+        print(f"lwcompile export: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    import lwcompile
+
+    model, inputs, loss_fn, labels = load_export_factory(args.factory)
+    if args.loss:
+        loss_fn = _loss(args.loss)
+    loss_fn = loss_fn or F.mse_loss
+    if labels is None:
+        labels = _default_labels(model, inputs, args.labels_shape, args.labels_dtype)
+    names = ("target", "local_loss", "gamma", "steps", "inner_optimizer", "inner_lr", "prox", "outer_optimizer",
+             "outer_lr")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if "target" in overrides and "local_loss" not in overrides:
+        from lwcompile.config import PAIRS
+        overrides["local_loss"] = PAIRS[overrides["target"]]
+    prog = lwcompile.transform(model, loss_fn, inputs, **overrides)
+    plan = prog.plan(devices=args.devices, mode=args.mode) if args.devices is not None else None
+    man = prog.export_onnx(args.out_dir, devices=plan, training=not args.no_training,
+                           optimizer=args.artifact_optimizer, opset=args.opset, example_labels=labels)
+    blocks = man["program"]["blocks"]
+    where = "" if plan is None else " on " + ", ".join(f"{b['name']}->{b['device']}" for b in blocks)
+    print(f"wrote {args.out_dir}: {len(man['files'])} graphs, {len(man['training'])} training artifact sets, "
+          f"{len(blocks)} blocks{where}")
+    for name, why in man["meta"].get("training_skipped", {}).items():
+        print(f"  note: no training artifacts for block {name!r}: {why}")
+    return 0
+
+
+def load_export_factory(spec: str) -> tuple[nn.Module, tuple, Callable | None, tuple | None]:
+    """Import ``MODULE:FACTORY``, call it, check the result: (model, inputs, loss_fn or None, labels or None)."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:build or path/to/models.py:build.")
+    factory = getattr(_import(module_name), attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{module_name!r} has no callable {attr!r}; FACTORY must be a function returning "
+                          "(model, example_inputs[, loss_fn[, example_labels]]).")
+    out = factory()
+    if not isinstance(out, (tuple, list)) or not 2 <= len(out) <= 4:
+        raise ConfigError(f"{spec}() returned {type(out).__name__}; it must return (model, example_inputs), "
+                          "(model, example_inputs, loss_fn) or (model, example_inputs, loss_fn, example_labels).")
+    model, inputs, loss, labels = (*out, None, None)[:4]
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{spec}() returned a {type(model).__name__} as the model; expected an nn.Module.")
+    if loss is not None and not callable(loss):
+        raise ConfigError(f"{spec}() returned a non-callable loss_fn ({type(loss).__name__}).")
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
+    return model, as_tuple(inputs), loss, None if labels is None else as_tuple(labels)
+
+
+def _import(name: str) -> Any:
+    if name.endswith(".py") or "/" in name or os.sep in name:
+        if not os.path.isfile(name):
+            raise ConfigError(f"no file {name!r}.")
+        mod_name = "_lwcompile_export_" + os.path.splitext(os.path.basename(name))[0]
+        spec = importlib.util.spec_from_file_location(mod_name, name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory are found
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"cannot import module {name!r} ({e}); pass an importable module or a path to a "
+                          ".py file.") from e
+
+
+def _loss(name: str) -> Callable[..., torch.Tensor]:
+    if name in LOSSES:
+        return LOSSES[name]
+    if ":" in name:
+        module_name, _, attr = name.rpartition(":")
+        fn = getattr(_import(module_name), attr, None)
+        if callable(fn):
+            return fn
+    hint = " (for Config.local_loss use --local-loss)" if name in LOCAL_LOSSES else ""
+    raise ConfigError(f"--loss {name!r}: use one of {sorted(LOSSES)} or MODULE:FUNCTION{hint}.")
+
+
+def _default_labels(model: nn.Module, inputs: tuple, shape: tuple[int, ...] | None, dtype: str | None) -> tuple:
+    dt = getattr(torch, dtype or "float32")
+    if shape is not None:
+        return (torch.zeros(shape, dtype=dt),)
+    from lwcompile.passes.trace import preserved_state
+
+    with preserved_state(model), torch.no_grad():  # a forward for the output's shape; BatchNorm stats put back
+        out = model(*inputs)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the model returns {type(out).__name__}, not one tensor: pass example labels from the "
+                          "factory (its 4th item) or --labels-shape.")
+    return (torch.zeros(out.shape, dtype=dt if dtype else out.dtype),)
+
+
+def _devices(text: str) -> int | list[str]:
+    if text.isdigit():
+        return int(text)
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: a device count or a comma-separated list of device names")
+    return names
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shape such as 32,4") from None
+    if not dims or any(d < 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: a shape such as 32,4")
+    return dims
