@@ -177,9 +177,8 @@ def test_five_steps_from_onnx_equal_prog_step_and_write_back(exported):
         run_.step(torch.cat([exported.data[0][0]] * 2).numpy(), torch.cat([exported.data[0][1]] * 2).numpy())
 
 
+@pytest.mark.parametrize("exported", ["cnn"], indirect=True)  # BatchNorm buffers and outer-optimizer state
 def test_export_after_steps_continues_where_the_program_was(exported, tmp_path):
-    if exported.name != "cnn":
-        pytest.skip("one model suffices: the CNN has BatchNorm buffers and outer-optimizer state")
     model = copy.deepcopy(exported.prog.model)  # the exported program never stepped: its model is as built
     prog = lwcompile.transform(model, exported.case.loss, (exported.data[0][0],), exported.case.config)
     for x, y in exported.data[:2]:
