@@ -14,9 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lwcompile import cli_export
+from lwcompile import cli_export, factory
 from lwcompile.errors import ConfigError, LwcompileError
 
 
@@ -37,44 +34,7 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple, Callable | None]:
         >>> type(model).__name__, inputs[0].shape, loss
         ('Sequential', torch.Size([32, 8]), None)
     """
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:build or path/to/models.py:build.")
-    module = _import(module_name)
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{module_name!r} has no callable {attr!r}; FACTORY must be a function returning "
-                          "(model, example_inputs) or (model, example_inputs, loss_fn).")
-    out = factory()
-    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
-        raise ConfigError(f"{spec}() returned {type(out).__name__}; it must return (model, example_inputs) or "
-                          "(model, example_inputs, loss_fn).")
-    model, inputs, loss = (*out, None) if len(out) == 2 else out
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{spec}() returned a {type(model).__name__} as the model; expected an nn.Module.")
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    if loss is not None and not callable(loss):
-        raise ConfigError(f"{spec}() returned a non-callable loss_fn ({type(loss).__name__}).")
-    return model, inputs, loss
-
-
-def _import(name: str) -> Any:
-    if name.endswith(".py") or os.sep in name or "/" in name:
-        if not os.path.isfile(name):
-            raise ConfigError(f"no file {name!r}.")
-        mod_name = "_lwcompile_factory_" + os.path.splitext(os.path.basename(name))[0]
-        spec = importlib.util.spec_from_file_location(mod_name, name)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
-        return module
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory are found
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"cannot import module {name!r} ({e}); pass an importable module or a path to a "
-                          ".py file.") from e
+    return factory.load_factory(spec)[:3]
 
 
 def _no_loss(*_: Any) -> torch.Tensor:

@@ -26,9 +26,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import os
 import sys
 from typing import Any, Callable
 
@@ -38,6 +35,7 @@ from torch import nn
 
 from lwcompile.config import INNER_OPTIMIZERS, LOCAL_LOSSES, OUTER_OPTIMIZERS, TARGETS
 from lwcompile.errors import ConfigError, LwcompileError
+from lwcompile.factory import import_module_or_file, load_factory
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "mse": F.mse_loss, "cross_entropy": F.cross_entropy, "bce_logits": F.binary_cross_entropy_with_logits,
@@ -124,45 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_export_factory(spec: str) -> tuple[nn.Module, tuple, Callable | None, tuple | None]:
-    """Import ``MODULE:FACTORY``, call it, check the result: (model, inputs, loss_fn or None, labels or None)."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:build or path/to/models.py:build.")
-    factory = getattr(_import(module_name), attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{module_name!r} has no callable {attr!r}; FACTORY must be a function returning "
-                          "(model, example_inputs[, loss_fn[, example_labels]]).")
-    out = factory()
-    if not isinstance(out, (tuple, list)) or not 2 <= len(out) <= 4:
-        raise ConfigError(f"{spec}() returned {type(out).__name__}; it must return (model, example_inputs), "
-                          "(model, example_inputs, loss_fn) or (model, example_inputs, loss_fn, example_labels).")
-    model, inputs, loss, labels = (*out, None, None)[:4]
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{spec}() returned a {type(model).__name__} as the model; expected an nn.Module.")
-    if loss is not None and not callable(loss):
-        raise ConfigError(f"{spec}() returned a non-callable loss_fn ({type(loss).__name__}).")
-    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
-    return model, as_tuple(inputs), loss, None if labels is None else as_tuple(labels)
-
-
-def _import(name: str) -> Any:
-    if name.endswith(".py") or "/" in name or os.sep in name:
-        if not os.path.isfile(name):
-            raise ConfigError(f"no file {name!r}.")
-        mod_name = "_lwcompile_export_" + os.path.splitext(os.path.basename(name))[0]
-        spec = importlib.util.spec_from_file_location(mod_name, name)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
-        return module
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory are found
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"cannot import module {name!r} ({e}); pass an importable module or a path to a "
-                          ".py file.") from e
+load_export_factory = load_factory  # (model, inputs, loss_fn or None, labels or None)
 
 
 def _loss(name: str) -> Callable[..., torch.Tensor]:
@@ -170,7 +130,7 @@ def _loss(name: str) -> Callable[..., torch.Tensor]:
         return LOSSES[name]
     if ":" in name:
         module_name, _, attr = name.rpartition(":")
-        fn = getattr(_import(module_name), attr, None)
+        fn = getattr(import_module_or_file(module_name), attr, None)
         if callable(fn):
             return fn
     hint = " (for Config.local_loss use --local-loss)" if name in LOCAL_LOSSES else ""
