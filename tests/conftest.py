@@ -5,7 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny test models: a second thread only adds spin-wait
 
 
 @pytest.fixture(autouse=True)
