@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=${PYTHON:-python3}
-exec "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+exec "$PY" -m pytest tests -p no:cacheprovider "$@"
