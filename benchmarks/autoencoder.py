@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data-dir", default="auto",
                    help="MNIST idx directory; 'auto' = ../shared/data/mnist if present else sklearn digits; 'digits'")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark-autoencoder"))
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default 100; --quick 30)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 60 = one MNIST epoch; --quick 30)")
     p.add_argument("--batch-size", type=int, default=None, help="default 1000 (MNIST) / 100 (digits)")
     p.add_argument("--methods", default=",".join(LOCOPROP), help=f"LocoProp variants, comma-separated: {', '.join(LOCOPROP)}")
     p.add_argument("--warmup-steps", type=int, default=None, help="LocoProp inner-lr warm-up (default steps // 5)")
@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         x_train = x_train[:a.train_subset]
     sizes = AUTOENCODER_SIZES if name == "mnist" else DIGITS_SIZES
     batch_size = a.batch_size or (1000 if name == "mnist" else 100)
-    steps = a.steps or (30 if a.quick else 100)
+    steps = a.steps or (30 if a.quick else 60)
     warmup = steps // 5 if a.warmup_steps is None else a.warmup_steps
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in methods:
