@@ -31,7 +31,8 @@ _INNER_DEFAULTS = {
 
 @dataclass(frozen=True)
 class Config:
-    """How to compile and train. Defaults are the paper's LocoProp-M recipe.
+    """How to compile and train. Defaults are the paper's LocoProp-M recipe, except that the official code's inner
+    step decay lr·max(1 − k/T, 0.25) is off unless ``inner_lr_decay=True``.
 
     Example:
         >>> import lwcompile

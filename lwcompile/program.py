@@ -132,8 +132,9 @@ class Program:
     @inner_lr.setter
     def inner_lr(self, lr: float) -> None:
         """Change the inner learning rate between steps (schedules); the graphs take it as an input."""
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ConfigError(f"inner_lr={lr!r}: must be a finite number > 0.")
+        # 0 is allowed: the official schedule's first warm-up epoch runs at lr 0 while optimizer slots fill.
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ConfigError(f"inner_lr={lr!r}: must be a finite number >= 0.")
         self._inner_lr = float(lr)
 
     @property

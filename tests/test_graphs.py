@@ -105,6 +105,11 @@ def test_inner_lr_is_a_graph_input_so_schedules_need_no_retrace():
     assert len(prog._inner_cache) == n
     with pytest.raises(lwcompile.ConfigError):
         prog.inner_lr = -1.0
+    before = [p.detach().clone() for p in m.parameters()]
+    prog.inner_lr = 0.0  # a warm-up epoch at lr 0 moves no block weight (the model has no non-block params)
+    prog.step(x, y)
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p, b)
 
 
 def test_profile_measures_every_block_and_feeds_the_plan():
