@@ -42,9 +42,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lwcompile  # noqa: E402
-from backprop_baselines import DIGITS_SIZES, LR_GRID, full_loss, make_optimizer  # noqa: E402
+from backprop_baselines import DIGITS_SIZES, LR_GRID, full_loss  # noqa: E402
 from lwcompile.data import batches, load_images  # noqa: E402
-from lwcompile.models import (AUTOENCODER_SIZES, bce_sum, deep_autoencoder, outputs_to_logits,  # noqa: E402
+from lwcompile.models import (AUTOENCODER_SIZES, backprop_optimizer, bce_sum, deep_autoencoder, outputs_to_logits,  # noqa: E402
                               sigmoid_xent_sum)
 
 LOCOPROP = {
@@ -101,7 +101,7 @@ class Run:
             self.inner_flops = sum(b.inner_flops(cfg.steps, batch_size) for b in self.program.blocks)
         else:
             self.model = deep_autoencoder(sizes, seed=seed)
-            self.opt = make_optimizer(kind, self.model.parameters(), lr)
+            self.opt = backprop_optimizer(kind, self.model.parameters(), lr)
         self.logits = outputs_to_logits(self.model)
         self.steps = 0
         self.wall = 0.0  # seconds spent in step() only

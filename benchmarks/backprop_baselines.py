@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from lwcompile.data import batches, load_images
-from lwcompile.models import AUTOENCODER_SIZES, deep_autoencoder, sigmoid_xent_sum
+from lwcompile.models import backprop_optimizer, AUTOENCODER_SIZES, deep_autoencoder, sigmoid_xent_sum
 
 # Grids around the usual good values for a loss summed over 784 pixels (gradients ~100x a mean loss,
 # hence the small SGD rates).
@@ -34,19 +34,7 @@ QUICK_LR_GRID: dict[str, tuple[float, ...]] = {"sgd": (1e-3,), "adam": (1e-3,), 
 DIGITS_SIZES = (64, 32, 16, 8, 16, 32, 64)  # same shape of net, scaled to 8x8 inputs
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """torch.optim optimizer by name: "sgd" (momentum 0.9), "adam", "rmsprop" (decay 0.9, as in the paper's setup).
 
-    >>> type(make_optimizer("adam", [torch.zeros(1, requires_grad=True)], 1e-3)).__name__
-    'Adam'
-    """
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9)
-    raise ValueError(f"optimizer must be one of 'sgd', 'adam', 'rmsprop', got {name!r}")
 
 
 @torch.no_grad()
@@ -81,7 +69,7 @@ def train_backprop(
     step_times (seconds per optimizer step), diverged (a non-finite loss stopped the run).
     """
     model = deep_autoencoder(sizes, seed=seed)
-    opt = make_optimizer(opt_name, model.parameters(), lr)
+    opt = backprop_optimizer(opt_name, model.parameters(), lr)
     out: dict[str, Any] = {
         "optimizer": opt_name, "lr": lr, "epoch_mean_train_loss": [],
         "full_train_loss": [full_loss(model, x_train)], "test_loss": [full_loss(model, x_test)],
@@ -131,7 +119,7 @@ def time_step(
     True
     """
     model = deep_autoencoder(sizes, seed=0)
-    opt = make_optimizer(opt_name, model.parameters(), 1e-4)
+    opt = backprop_optimizer(opt_name, model.parameters(), 1e-4)
     xb = torch.rand(batch_size, sizes[0], generator=torch.Generator().manual_seed(0))
     times = []
     for i in range(warmup + n):

@@ -29,7 +29,7 @@ import torch
 
 import lwcompile
 from lwcompile.data import batches, load_images
-from lwcompile.models import (AUTOENCODER_SIZES, bce_sum, deep_autoencoder, outputs_to_logits, reference_lr_factor,
+from lwcompile.models import (backprop_optimizer, AUTOENCODER_SIZES, bce_sum, deep_autoencoder, outputs_to_logits, reference_lr_factor,
                               sigmoid_xent_sum)
 
 DIGITS_SIZES = (64, 32, 16, 8, 16, 32, 64)  # the same shape of net, scaled to 8x8 inputs
@@ -49,15 +49,6 @@ BACKPROP_DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-4, "rmsprop": 1e-4}
 LR_FLOOR_FACTOR = 1e-12
 
 
-def backprop_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """torch.optim optimizer by name: "sgd" (momentum 0.9), "adam", "rmsprop" (decay 0.9, as in the paper's setup)."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9)
-    raise ValueError(f"optimizer must be one of 'sgd', 'adam', 'rmsprop', got {name!r}")
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lwcompile import cli_export, factory
+from lwcompile.factory import parse_devices
 from lwcompile.errors import ConfigError, LwcompileError
 
 
@@ -56,14 +57,6 @@ def demo_factory() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(32, 8)
 
 
-def _devices(text: str) -> int | list[str]:
-    """``2`` (simulated devices) or ``cuda:0,cuda:1`` (names)."""
-    if text.isdigit():
-        return int(text)
-    names = [d.strip() for d in text.split(",") if d.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: a device count or a comma-separated list of device names")
-    return names
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -73,7 +66,7 @@ def add_plan_command(sub: Any) -> None:
                                    "plan table (device, blocks, predicted inner-phase time, memory, share).")
     p.add_argument("factory", metavar="MODULE:FACTORY",
                    help="FACTORY() returns (model, example_inputs) or (model, example_inputs, loss_fn)")
-    p.add_argument("--devices", type=_devices, default=1, help="a count of simulated devices, or cuda:0,cuda:1,...")
+    p.add_argument("--devices", type=parse_devices, default=1, help="a count of simulated devices, or cuda:0,cuda:1,...")
     p.add_argument("--mode", choices=("replicated", "partitioned"), default="replicated")
     p.add_argument("--steps", type=int, default=None, help="inner iterations T (default: Config's)")
     p.add_argument("--device-rate", type=float, default=None, help="FLOP/s per device (default: measured)")

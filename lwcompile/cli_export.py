@@ -35,7 +35,7 @@ from torch import nn
 
 from lwcompile.config import INNER_OPTIMIZERS, LOCAL_LOSSES, OUTER_OPTIMIZERS, TARGETS
 from lwcompile.errors import ConfigError, LwcompileError
-from lwcompile.factory import import_module_or_file, load_factory
+from lwcompile.factory import import_module_or_file, load_factory, parse_devices
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "mse": F.mse_loss, "cross_entropy": F.cross_entropy, "bce_logits": F.binary_cross_entropy_with_logits,
@@ -71,7 +71,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prox", type=float, help="proximal weight λ")
     p.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS)
     p.add_argument("--outer-lr", type=float)
-    p.add_argument("--devices", type=_devices, help="place the blocks on N simulated devices or on cuda:0,cuda:1,... "
+    p.add_argument("--devices", type=parse_devices, help="place the blocks on N simulated devices or on cuda:0,cuda:1,... "
                                                      "(recorded per block in the manifest)")
     p.add_argument("--mode", choices=("replicated", "partitioned"), default="replicated", help="placement mode")
     p.add_argument("--labels-shape", type=_shape, help="example labels' shape, e.g. 32,4 (default: the output's)")
@@ -151,13 +151,6 @@ def _default_labels(model: nn.Module, inputs: tuple, shape: tuple[int, ...] | No
     return (torch.zeros(out.shape, dtype=dt if dtype else out.dtype),)
 
 
-def _devices(text: str) -> int | list[str]:
-    if text.isdigit():
-        return int(text)
-    names = [d.strip() for d in text.split(",") if d.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: a device count or a comma-separated list of device names")
-    return names
 
 
 def _shape(text: str) -> tuple[int, ...]:

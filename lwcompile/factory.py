@@ -9,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -63,3 +64,13 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple, Callable | None, tuple | 
     if loss is not None and not callable(loss):
         raise ConfigError(f"{spec}() returned a non-callable loss_fn ({type(loss).__name__}).")
     return model, _as_tuple(inputs), loss, None if labels is None else _as_tuple(labels)
+
+
+def parse_devices(text: str) -> int | list[str]:
+    """``2`` (simulated devices) or ``cuda:0,cuda:1`` (names); an argparse ``type=``."""
+    if text.isdigit():
+        return int(text)
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: a device count or a comma-separated list of device names")
+    return names

@@ -149,3 +149,18 @@ def small_cnn(num_classes: int = 10, seed: int = 0) -> nn.Sequential:
         nn.Linear(8 * 4 * 4, num_classes),
     )
     return _init_all(model, seed)
+
+
+def backprop_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """The backprop baselines' torch.optim optimizer by name: "sgd" (momentum 0.9), "adam", "rmsprop" (decay 0.9).
+
+    >>> type(backprop_optimizer("adam", [torch.zeros(1, requires_grad=True)], 1e-3)).__name__
+    'Adam'
+    """
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9)
+    raise ValueError(f"optimizer must be one of 'sgd', 'adam', 'rmsprop', got {name!r}")
