@@ -14,7 +14,8 @@ from lwcompile.errors import (ConfigError, DistributedError, ExportError, LossEr
                               TraceError)
 from lwcompile.ir import Block
 from lwcompile.program import Program
+from lwcompile.transfers import register_transfer
 
 __all__ = ["transform", "Config", "Program", "Block", "LwcompileError", "ConfigError", "TraceError", "PartitionError",
-           "NonFiniteError", "LossError", "ExportError", "DistributedError"]
+           "NonFiniteError", "LossError", "ExportError", "DistributedError", "register_transfer"]
 __version__ = "0.1.0"

@@ -1,6 +1,10 @@
 """``lwcompile export MODULE:FACTORY OUT_DIR``: compile a model and write everything needed to train it from ONNX files.
 
     lwcompile export mypkg.models:build out/ --steps 5 --inner-optimizer adam --devices 2
+    lwcompile export mypkg.models:build out/ --overwrite     # replace a previous export in out/
+
+OUT_DIR must be new or empty, or hold a previous lwcompile export and nothing else (with ``--overwrite``); anything
+else is refused with exit status 1 and left as it was.
 
 The factory contract: ``FACTORY()`` (no arguments) returns one of
 
@@ -59,7 +63,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog="FACTORY() returns (model, example_inputs), (model, example_inputs, loss_fn) or (model, "
                "example_inputs, loss_fn, example_labels).")
     p.add_argument("factory", metavar="MODULE:FACTORY", help="importable module or .py file, and a function in it")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (replaced atomically if it exists)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="directory to write: a new or empty one, or a previous export with --overwrite (a directory "
+                        "holding anything else is refused; lwcompile never deletes files it did not write)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds a previous lwcompile export and nothing else")
     p.add_argument("--target", choices=TARGETS, help="target kind (default: Config's)")
     p.add_argument("--local-loss", choices=LOCAL_LOSSES, help="local loss (default: the target's METHOD.md pair)")
     p.add_argument("--loss", help=f"task loss: one of {sorted(LOSSES)} or MODULE:FUNCTION (default: the factory's, "
@@ -97,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import lwcompile
 
+    from lwcompile.passes.onnx_files import check_out_dir
+
+    overwrite = bool(getattr(args, "overwrite", False))  # a Namespace built by hand may predate --overwrite
+    check_out_dir(args.out_dir, overwrite)  # refuse before importing and compiling the model (slow)
     model, inputs, loss_fn, labels = load_export_factory(args.factory)
     if args.loss:
         loss_fn = _loss(args.loss)
@@ -112,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     prog = lwcompile.transform(model, loss_fn, inputs, **overrides)
     plan = prog.plan(devices=args.devices, mode=args.mode) if args.devices is not None else None
     man = prog.export_onnx(args.out_dir, devices=plan, training=not args.no_training,
-                           optimizer=args.artifact_optimizer, opset=args.opset, example_labels=labels)
+                           optimizer=args.artifact_optimizer, opset=args.opset, example_labels=labels,
+                           overwrite=overwrite)
     blocks = man["program"]["blocks"]
     where = "" if plan is None else " on " + ", ".join(f"{b['name']}->{b['device']}" for b in blocks)
     print(f"wrote {args.out_dir}: {len(man['files'])} graphs, {len(man['training'])} training artifact sets, "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -76,7 +77,7 @@ class Config:
                 f"use the METHOD.md pair local_loss={PAIRS[self.target]!r}."
             )
         _positive("gamma", self.gamma)
-        _positive("inner_lr", self.inner_lr)
+        _positive("inner_lr", self.inner_lr, allow_zero=True)  # 0 is legitimate: a warm-up phase
         _positive("outer_lr", self.outer_lr, allow_zero=True)
         _positive("prox", self.prox, allow_zero=True)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -95,6 +96,13 @@ class Config:
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))
+        for pattern in self.skip:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"Config.skip entry {pattern!r} is not a valid regular expression ({e}); skip "
+                                  "takes regexes matched against block names and module class names, e.g. "
+                                  r"skip=(r'^head\.', 'Embedding').") from e
         if isinstance(self.outer_options, dict):
             object.__setattr__(self, "outer_options", tuple(sorted(self.outer_options.items())))
 

@@ -24,6 +24,10 @@ class Block:
     weight_shape, bias_shape: parameter shapes.
     input_shape, output_shape: shapes of x and â for the example inputs (batch dimension included).
     flops_per_example: forward FLOPs of the linear op for one example (2 · multiply-adds).
+    transfer_node:   name of the transfer node in the traced graph (None for identity).
+    dtype_bytes:     bytes per element of the weight.
+    input_node:      name of the node that feeds the linear op its input x.
+    frozen:          block parameters with ``requires_grad=False``: used by the inner loop, never changed.
     """
 
     name: str
@@ -41,6 +45,8 @@ class Block:
     flops_per_example: int
     transfer_node: str | None = None
     dtype_bytes: int = 4
+    input_node: str | None = None
+    frozen: tuple[str, ...] = ()
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -65,9 +71,6 @@ class Block:
         """FLOPs of `steps` inner iterations: each is one forward (z = Wx) and one weight gradient."""
         b = self.batch if batch is None else batch
         return 2 * steps * self.flops_per_example * b
-
-    def attr(self, key: str, default: Any = None) -> Any:
-        return dict(self.attrs).get(key, default)
 
 
 @dataclass(frozen=True)

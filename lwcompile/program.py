@@ -1,6 +1,7 @@
 """The compiled program: graphs, blocks, per-block optimizer state, and ``step``."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -10,15 +11,17 @@ import torch.fx as fx
 from torch import nn
 
 from lwcompile.config import Config
-from lwcompile.errors import ConfigError, LwcompileError, NonFiniteError
+from lwcompile.errors import ConfigError, ExportError, LwcompileError, NonFiniteError, PartitionError, TraceError
+from lwcompile.guards import differences, layout_changes, snapshot
 from lwcompile.ir import Block, TraceResult
 from lwcompile.passes.checks import ensures_partition, ensures_tap
 from lwcompile.passes.inner import build_inner_graph, inner_example, inner_io_names
 from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.partition import Partition, partition
 from lwcompile.passes.targets import TargetSignature, build_target_graph, make_target_fn, tap
-from lwcompile.passes.trace import preserved_state, trace
-from lwcompile.runtime.local import run_jobs
+from lwcompile.passes.state import preserved_state
+from lwcompile.passes.trace import EXPORT, trace
+from lwcompile.runtime.local import check_runnable, run_jobs
 
 _OUTER = {
     "sgd": lambda ps, lr, kw: torch.optim.SGD(ps, lr=lr, **kw),
@@ -33,8 +36,29 @@ def _as_tuple(v: Any) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
-def _training_flags(model: nn.Module) -> tuple[bool, ...]:
-    return tuple(m.training for m in model.modules())
+def _block_layout(blocks: Sequence[Block]) -> tuple:
+    return tuple((b.name, b.op, b.weight_shape, b.bias_shape, b.params) for b in blocks)
+
+
+def _refuse_unsupported_modules(model: nn.Module, cause: BaseException | None = None) -> None:
+    """Modules whose training-mode semantics the graphs cannot reproduce exactly: refused by name."""
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.momentum is None
+                and m.track_running_stats):
+            raise PartitionError(
+                f"module {name!r} ({type(m).__name__}) uses momentum=None (a cumulative average whose factor "
+                "1/num_batches_tracked is data-dependent): supported with the torch.fx front end only, and this "
+                "model needs torch.export; give it a momentum (e.g. 0.1), or put it in eval() mode.") from cause
+
+
+def _describe(values: Sequence[Any]) -> str:
+    return ", ".join(f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor)
+                     else type(v).__name__ for v in values) or "none"
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"
 
 
 def _key(tensors: Sequence[torch.Tensor]) -> tuple:
@@ -74,26 +98,49 @@ class Program:
 
     # ------------------------------------------------------------------ compile
     def _compile(self) -> None:
-        self._flags = _training_flags(self.model)
-        self.trace_result: TraceResult = trace(self.model, self.example_inputs, self.config.frontend)
-        self.partition: Partition = partition(self.trace_result.graph_module, self.example_inputs, self.config.skip)
-        ensures_partition(self.trace_result.graph_module, self.partition)
-        self.tapped = tap(self.trace_result.graph_module, self.partition.blocks)
-        ensures_tap(self.tapped, self.partition.blocks)
-        gm = self.trace_result.graph_module
+        """Trace → partition → tap, committed only when every pass succeeded."""
+        guards = snapshot(self.model, self.loss_fn)
+        try:
+            trace_result = trace(self.model, self.example_inputs, self.config.frontend)
+        except TraceError as e:
+            _refuse_unsupported_modules(self.model, e)  # the clearer reason, when it is one
+            raise
+        if trace_result.frontend == EXPORT:  # tap rewrites only call_module BatchNorms (torch.fx front end)
+            _refuse_unsupported_modules(self.model)
+        part = partition(trace_result.graph_module, self.example_inputs, self.config.skip)
+        ensures_partition(trace_result.graph_module, part)
+        tapped = tap(trace_result.graph_module, part.blocks)
+        ensures_tap(tapped, part.blocks)
+        old = getattr(self, "partition", None)
+        if old is not None and _block_layout(old.blocks) != _block_layout(part.blocks):
+            raise LwcompileError(
+                "the model changed since lwcompile.transform so that its blocks differ (" +
+                "; ".join(differences(self._guards, guards)) + "); call lwcompile.transform again.")
+        self._guards, self.trace_result, self.partition, self.tapped = guards, trace_result, part, tapped
+        gm = trace_result.graph_module
         self._param_names = tuple(n for n, _ in gm.named_parameters())
         self._buffer_names = tuple(n for n, _ in gm.named_buffers())
-
-    def _recompile_if_mode_changed(self) -> None:
-        if _training_flags(self.model) == self._flags:
-            return
-        old = [b.name for b in self.blocks]
-        self._compile()
         self._target_cache.clear()
-        if [b.name for b in self.blocks] != old:
-            raise LwcompileError("switching train/eval mode changed the model's blocks; call lwcompile.transform again.")
+        self._last_target = None
+
+    def _check_guards(self) -> None:
+        """Re-trace when something the graphs froze changed (mode, attributes, parameters); see
+        :mod:`lwcompile.guards`. Refuses changes that no re-trace absorbs."""
+        now = snapshot(self.model, self.loss_fn)
+        changed = differences(self._guards, now)
+        if not changed:
+            return
+        moved = layout_changes(self._guards, now)
+        if moved:
+            raise LwcompileError("parameters or buffers changed shape, dtype or device since lwcompile.transform ("
+                                 + "; ".join(moved) + "); call lwcompile.transform again on the converted model.")
+        self._compile()
+        self._rebuild_outer()
+
+    _recompile_if_mode_changed = _check_guards  # the distributed runtime's name for it
 
     def _make_outer(self) -> torch.optim.Optimizer | None:
+        self._outer_names = tuple(self.nonblock)
         params = [self._param(n) for n in self.nonblock]
         if not params or self.config.outer_optimizer == "none":
             return None
@@ -102,6 +149,18 @@ class Program:
         except TypeError as e:
             raise ConfigError(f"Config.outer_options={dict(self.config.outer_options)!r} rejected by "
                               f"{self.config.outer_optimizer!r}: {e}") from e
+
+    def _rebuild_outer(self) -> None:
+        """A new outer optimizer over the current non-block tensors, keeping the state of those it already had
+        (by parameter name: a replaced tensor keeps its predecessor's state)."""
+        old, old_names = self._outer, getattr(self, "_outer_names", ())
+        self._outer = self._make_outer()
+        if old is None or self._outer is None:
+            return
+        by_name = {n: old.state[p] for n, p in zip(old_names, old.param_groups[0]["params"]) if p in old.state}
+        for n, p in zip(self.nonblock, self._outer.param_groups[0]["params"]):
+            if n in by_name:
+                self._outer.state[p] = by_name[n]
 
     def _param(self, name: str) -> torch.Tensor:
         return self.trace_result.graph_module.get_parameter(name)
@@ -123,7 +182,8 @@ class Program:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        return self.partition.warnings
+        """Notes from compiling: why a front end was passed over, ops treated as identity, tied weights."""
+        return tuple(self.trace_result.notes) + tuple(self.partition.warnings)
 
     @property
     def inner_lr(self) -> float:
@@ -148,13 +208,15 @@ class Program:
                                tuple(b.name for b in self.blocks), self.nonblock)
 
     def _target_for(self, inputs: tuple, labels: tuple) -> tuple[fx.GraphModule, TargetSignature]:
-        key = (_key(inputs), _key(labels), self._flags)
+        key = (_key(inputs), _key(labels))
         if key not in self._target_cache:
             sig = self._signature(len(inputs), len(labels))
             fn = make_target_fn(self.tapped, self.blocks, self.loss_fn, sig, self.config.target,
-                                self.config.gamma, self.trace_result.out_spec)
+                                self.config.gamma, self.trace_result.out_spec,
+                                param_tensors=[self._param(n) for n in self._param_names])
             flat = self._flat_args(inputs, labels)
-            self._target_cache[key] = (build_target_graph(fn, flat), sig)
+            recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
+            self._target_cache[key] = (build_target_graph(fn, flat, recurrent=recurrent), sig)
         self._last_target = self._target_cache[key]
         return self._last_target
 
@@ -183,13 +245,16 @@ class Program:
         inputs = self.example_inputs if example_inputs is None else _as_tuple(example_inputs)
         return self._target_for(inputs, _as_tuple(example_labels))[0]
 
-    def inner_graph(self, name: str, batch: int | None = None) -> fx.GraphModule:
-        """The inner-update GraphModule of block ``name`` for a batch size (default: the example's)."""
+    def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None) -> fx.GraphModule:
+        """The inner-update GraphModule of block ``name`` for a batch size (default: the example's) and dtype
+        (default: the block weight's)."""
         block = self._block(name)
         b = block.input_shape[0] if batch is None else batch
-        key = (name, b)
+        dtype = self._param(block.weight).dtype if dtype is None else dtype
+        key = (name, b, dtype)
         if key not in self._inner_cache:
-            self._inner_cache[key] = build_inner_graph(block, self.config, inner_example(block, self.config, b))
+            example = inner_example(block, self.config, b, dtype=dtype)
+            self._inner_cache[key] = build_inner_graph(block, self.config, example)
         return self._inner_cache[key]
 
     @property
@@ -210,11 +275,21 @@ class Program:
     def compute_targets(self, x: Any, y: Any) -> dict[str, Any]:
         """Run the forward/target graph only: loss, and per block its input and target (nothing updated
         except BatchNorm-style running statistics)."""
-        self._recompile_if_mode_changed()
+        self._check_guards()
         inputs, labels = _as_tuple(x), _as_tuple(y)
+        self._check_inputs(inputs)
         tg, sig = self._target_for(inputs, labels)
         with torch.no_grad():
-            outs = tg(*self._flat_args(inputs, labels))
+            try:
+                outs = tg(*self._flat_args(inputs, labels))
+            except (LwcompileError, torch.OutOfMemoryError):
+                raise
+            except RuntimeError as e:  # a real kernel refused what its fake (tracing) kernel let through
+                raise LwcompileError(
+                    f"the forward/target graph failed on this batch (inputs: {_describe(inputs)}; labels: "
+                    f"{_describe(labels)}): {_first_line(e)}. Check the labels' dtype and shape against what the "
+                    "loss function expects (e.g. F.cross_entropy takes int64 class indices), and that the batch "
+                    "is on the model's device.") from e
         m = len(self.blocks)
         return {
             "loss": outs[0],
@@ -233,48 +308,98 @@ class Program:
             x = inputs[b.name].contiguous()  # the inner graphs are traced for contiguous inputs
             lr = torch.tensor(self._inner_lr, dtype=x.dtype, device=x.device)
             args = [self._param(p).detach() for p in b.params] + [x, targets[b.name].contiguous(), lr, *self._inner_state[b.name]]
-            jobs[b.name] = (self.inner_graph(b.name, x.shape[0]), args)
+            jobs[b.name] = (self.inner_graph(b.name, x.shape[0], x.dtype), args)
         return jobs
 
     def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None) -> float:
         """One training step on inputs ``x`` and labels ``y``; updates the model in place; returns the loss.
 
-        Nothing is changed if the loss, a target or a new weight is not finite (:class:`NonFiniteError`).
-        ``assignment`` (device -> block names, e.g. ``prog.plan(...).assignment``) runs blocks across devices.
+        The step is atomic: if anything fails (a non-finite loss, target, gradient or new value raises
+        :class:`NonFiniteError`), parameters, buffers, inner and outer optimizer state and ``step_count`` are
+        exactly as before. ``assignment`` (device -> block names, e.g. ``prog.plan(...).assignment``) runs
+        blocks across devices.
         """
         t0 = time.perf_counter()
-        saved = {n: b.detach().clone() for n, b in self.trace_result.graph_module.named_buffers()}
+        if isinstance(assignment, Mapping):
+            check_runnable(assignment)  # a missing CUDA device is refused before anything runs
+        undo = self._snapshot_state()
         try:
             res = self.compute_targets(x, y)
             self._check_finite("the task loss", res["loss"])
             for name, t in res["targets"].items():
                 self._check_finite(f"the target of block {name!r}", t)
+            for name, g in res["grads"].items():
+                self._check_finite(f"the gradient of non-block parameter {name!r}", g)
             t1 = time.perf_counter()
             outs = run_jobs(self.inner_jobs(res["inputs"], res["targets"]), assignment)
             t2 = time.perf_counter()
             for b in self.blocks:
                 for p, new in zip(b.params, outs[b.name]):
                     self._check_finite(f"the new value of {p!r} (block {b.name!r})", new)
+            self._commit(outs, res["grads"])
         except BaseException:
-            with torch.no_grad():  # leave the model exactly as it was
-                for n, buf in self.trace_result.graph_module.named_buffers():
-                    buf.copy_(saved[n])
+            self._restore_state(undo)
             raise
-        with torch.no_grad():
-            for b in self.blocks:
-                k = len(b.params)
-                for p, new in zip(b.params, outs[b.name][:k]):
-                    self._param(p).copy_(new)
-                self._inner_state[b.name] = tuple(outs[b.name][k:])
-        if self._outer is not None:
-            for name, g in res["grads"].items():
-                self._param(name).grad = g
-            self._outer.step()
-            self._outer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         self.last_timings = {"target": t1 - t0, "inner": t2 - t1, "update": t3 - t2, "total": t3 - t0}
         self.step_count += 1
         return float(res["loss"])
+
+    def _commit(self, outs: Mapping[str, tuple], grads: Mapping[str, torch.Tensor]) -> None:
+        """Write new block weights and inner state, then step the non-block parameters (after the block
+        weights, so a tied weight gets its block's update plus its other uses' step)."""
+        with torch.no_grad():
+            for b in self.blocks:
+                k = len(b.params)
+                for p, new in zip(b.params, outs[b.name][:k]):
+                    if p not in b.frozen:
+                        self._param(p).copy_(new)
+                self._inner_state[b.name] = tuple(outs[b.name][k:])
+        if self._outer is not None:
+            for name, g in grads.items():
+                self._param(name).grad = g
+            try:
+                self._outer.step()
+            finally:
+                self._outer.zero_grad(set_to_none=True)
+            for name in grads:
+                self._check_finite(f"the new value of non-block parameter {name!r}", self._param(name))
+
+    def _snapshot_state(self) -> dict[str, Any]:
+        """Everything a step may change, to put back if it fails."""
+        gm = self.trace_result.graph_module
+        return {
+            "params": {n: p.detach().clone() for n, p in gm.named_parameters()},
+            "buffers": {n: b.detach().clone() for n, b in gm.named_buffers()},
+            "inner": dict(self._inner_state),
+            "outer": copy.deepcopy(self._outer.state_dict()) if self._outer is not None else None,
+            "outer_obj": self._outer,
+            "step_count": self.step_count,
+        }
+
+    def _restore_state(self, undo: Mapping[str, Any]) -> None:
+        gm = self.trace_result.graph_module
+        with torch.no_grad():
+            for n, p in gm.named_parameters():
+                if n in undo["params"]:
+                    p.copy_(undo["params"][n])
+            for n, b in gm.named_buffers():
+                if n in undo["buffers"]:
+                    b.copy_(undo["buffers"][n])
+        self._inner_state = dict(undo["inner"])
+        self._outer = undo["outer_obj"]
+        if self._outer is not None:
+            self._outer.load_state_dict(undo["outer"])
+            self._outer.zero_grad(set_to_none=True)
+        self.step_count = undo["step_count"]
+
+    def _check_inputs(self, inputs: tuple) -> None:
+        for i, (got, ex) in enumerate(zip(inputs, self.example_inputs)):
+            if (isinstance(got, torch.Tensor) and isinstance(ex, torch.Tensor) and got.dtype != ex.dtype
+                    and (got.is_floating_point() or ex.is_floating_point())):
+                raise ConfigError(f"input {i} has dtype {got.dtype}, but the model was compiled for {ex.dtype} "
+                                  f"(its example input); convert the batch (x.to({ex.dtype})) or transform the "
+                                  "converted model again.")
 
     def _check_finite(self, what: str, t: torch.Tensor) -> None:
         if self.config.check_finite and not bool(torch.isfinite(t).all()):
@@ -314,7 +439,22 @@ class Program:
         """Write every graph to ONNX in ``out_dir`` with a manifest (see :mod:`lwcompile.passes.onnx_export`)."""
         from lwcompile.passes.onnx_export import export_program
 
+        self._refuse_unexportable(training=kwargs.get("training", True))
         return export_program(self, out_dir, **kwargs)
+
+    def _refuse_unexportable(self, training: bool) -> None:
+        """Patterns the torch runtime compiles exactly but the exported files would not reproduce."""
+        nonblock = {id(self._param(n)) for n in self.nonblock}
+        for b in self.blocks:
+            tied = [p for p in b.params if p not in self._param_names or id(self._param(p)) in nonblock]
+            if tied:
+                raise ExportError(f"block {b.name!r}: parameter {tied[0]!r} is tied to another use (shared weights); "
+                                  "the ONNX files store and update each parameter name separately, so they cannot "
+                                  "express it. Train it with prog.step, or untie the weights to export.")
+            if b.frozen and training:
+                raise ExportError(f"block {b.name!r}: parameter {b.frozen[0]!r} has requires_grad=False, which the "
+                                  "onnxruntime-training artifacts would train; export with training=False (the "
+                                  "inner-update graphs keep it fixed).")
 
     # ------------------------------------------------------------------ printing
     def __str__(self) -> str:

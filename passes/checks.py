@@ -37,13 +37,16 @@ def ensures_partition(gm: fx.GraphModule, part) -> None:
             raise PartitionError(f"block {b.name!r}: unknown op {b.op!r} or transfer {b.transfer!r}")
         if b.node not in nodes or (b.transfer_node and b.transfer_node not in nodes):
             raise PartitionError(f"block {b.name!r}: its node is not in the graph")
-        for p in b.params:
-            if p in owned:
-                raise PartitionError(f"parameter {p!r} belongs to blocks {owned[p]!r} and {b.name!r}")
-            owned[p] = b.name
-            if p in part.nonblock:
-                raise PartitionError(f"parameter {p!r} is both in block {b.name!r} and non-block")
+        for p in b.params:  # by tensor, so a weight tied under two names counts once
+            t = id(gm.get_parameter(p))
+            if t in owned:
+                raise PartitionError(f"parameter {p!r} belongs to blocks {owned[t]!r} and {b.name!r}")
+            owned[t] = b.name
         _check_shapes(b)
+    # one entry per tensor: a tied weight must get its other uses' gradient once, not once per name
+    tensors = [id(gm.get_parameter(n)) for n in part.nonblock]
+    if len(set(tensors)) != len(tensors):
+        raise PartitionError(f"partition listed a non-block tensor twice under different names: {part.nonblock}")
 
 
 def _check_shapes(b: Block) -> None:

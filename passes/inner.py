@@ -42,6 +42,7 @@ def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Ten
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
     n = len(block.params)
     has_bias = block.bias is not None
+    frozen = tuple(p in block.frozen for p in block.params)
 
     def inner_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         anchor = tuple(flat[:n])
@@ -55,7 +56,10 @@ def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Ten
             grads = (dW, db) if has_bias else (dW,)
             if config.prox > 0:
                 grads = tuple(g + config.prox * (p - a) for g, p, a in zip(grads, params, anchor))
+            grads = tuple(torch.zeros_like(g) if f else g for g, f in zip(grads, frozen))
             params, state = opt.update(grads, state, params, lr * inner_lr_factor(k, config.steps, config.inner_lr_decay))
+            # requires_grad=False means "never changes": keep the exact old value, not old − lr·0
+            params = tuple(a if f else p for p, a, f in zip(params, anchor, frozen))
         return (*params, *state)
 
     return inner_update

@@ -10,7 +10,9 @@ Route (torch 2.13, onnx 1.17, onnxruntime-training 1.19.2):
 2. The dynamo ONNX exporter translates it with onnxscript's torchlib (opset 18 by default, ≤ 21); the model is saved
    with IR version ≤ 10 (what onnxruntime 1.19 loads), to a temp file renamed into place, so a failed export never
    leaves a half-written file.
-3. :func:`export_program` (``prog.export_onnx(dir)``) writes, into a temp directory renamed at the end:
+3. :func:`export_program` (``prog.export_onnx(dir)``) writes, through :mod:`lwcompile.passes.onnx_files` (which
+   refuses a file, a non-empty directory that is not a previous export, and a previous export without
+   ``overwrite=True`` or holding files it did not write; it never deletes or renames a file lwcompile did not write):
    ``target.onnx``; ``inner_<block>.onnx`` per block; ``training/<block>/`` (onnxruntime-training artifacts, see
    :mod:`lwcompile.passes.onnx_training`); ``params.npz`` and ``buffers.npz`` (current values by FQN);
    ``inner_state.npz`` (``<block>/state<i>``: each block's inner-optimizer state); ``outer_state.npz``
@@ -32,12 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
-import shutil
 import tempfile
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -48,6 +47,8 @@ from lwcompile.errors import ConfigError, ExportError
 from lwcompile.passes.onnx_decomp import (MAX_IR_VERSION, GraphWrapper, dynamo_export, export_decompositions,
                                           UnsupportedOpsError, placeholder_names, prepare_graph,
                                           translate_prepared)
+from lwcompile.passes.onnx_files import (FORMAT, GraphExport, TrainingExport, check_out_dir, describe_model,
+                                         export_onnx_dir, safe_name)
 from lwcompile.passes.onnx_training import artifact_supported, export_training_artifacts
 
 __all__ = ["MAX_OPSET", "MAX_IR_VERSION", "MUTATED_PREFIX", "FORMAT", "graph_to_onnx", "export_graph_module",
@@ -56,7 +57,6 @@ __all__ = ["MAX_OPSET", "MAX_IR_VERSION", "MUTATED_PREFIX", "FORMAT", "graph_to_
 
 MAX_OPSET = 21
 MUTATED_PREFIX = "new__"  # output "new__X" is the value input X holds after the graph ran (in-place mutation)
-FORMAT = "lwcompile-onnx/2"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,137 +217,10 @@ def _atomic_save(model: onnx.ModelProto, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Manifest and directory export
-# ---------------------------------------------------------------------------------------------------------------
-_ELEM = {v: k for k, v in onnx.TensorProto.DataType.items()}
-
-
-def _value_info(v) -> dict:
-    t = v.type.tensor_type
-    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    return {"name": v.name, "shape": shape, "dtype": _ELEM.get(t.elem_type, str(t.elem_type)).lower()}
-
-
-def describe_model(model: onnx.ModelProto) -> dict:
-    """Inputs and outputs (name, shape, dtype) and versions of a model, for the manifest."""
-    return {
-        "inputs": [_value_info(v) for v in model.graph.input],
-        "outputs": [_value_info(v) for v in model.graph.output],
-        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
-        "ir_version": model.ir_version,
-    }
-
-
-@dataclass
-class GraphExport:
-    """One graph to write with :func:`export_onnx_dir`. ``file`` defaults to ``<name>.onnx``."""
-
-    name: str
-    graph_module: torch.fx.GraphModule
-    example_inputs: Sequence[torch.Tensor]
-    input_names: Sequence[str] | None = None
-    output_names: Sequence[str] | None = None
-    block: str | None = None
-    device: str | None = None
-    kind: str = "graph"  # "target" | "inner" | anything descriptive
-    file: str | None = None
-
-
-@dataclass
-class TrainingExport:
-    """One block's onnxruntime-training artifacts for :func:`export_onnx_dir` (kwargs of export_training_artifacts)."""
-
-    block: str
-    kwargs: dict = field(default_factory=dict)
-    device: str | None = None
-    subdir: str | None = None  # default training/<block>
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^\w.-]", "_", name)
-
-
-def export_onnx_dir(out_dir: str, graphs: Sequence[GraphExport], training: Sequence[TrainingExport] = (),
-                    opset: int = 18, meta: dict | None = None, overwrite: bool = True,
-                    arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                    program: dict | None = None) -> dict:
-    """Write several graphs (training artifacts, ``.npz`` arrays) into ``out_dir`` atomically, with a ``manifest.json``.
-
-    Everything is written into ``<out_dir>.tmp-XXXX`` first and renamed to ``out_dir`` at the end; on any failure the
-    temp dir is removed and ``out_dir`` is left as it was. ``arrays`` maps a file name ("params.npz") to named arrays.
-    Returns the manifest (also in ``manifest.json``)::
-
-        {"format": "lwcompile-onnx/2", "opset": 18, "mutated_output_prefix": "new__", "meta": {...},
-         "files": [{"file": "target.onnx", "name": ..., "kind": ..., "block": ..., "device": ...,
-                    "inputs": [{"name", "shape", "dtype"}], "outputs": [...], "mutates": {"new__X": "X"}}, ...],
-         "training": [{"block": ..., "dir": "training/fc1", "files": [...], "inputs": [...], "params": [...], ...}],
-         "data": [{"file": "params.npz", "arrays": {"fc1.weight": {"shape": [4, 3], "dtype": "float32"}}}],
-         "program": {...}}   # export_program only: see program_manifest
-    """
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out_dir) and not overwrite:
-        raise ExportError(f"{out_dir} exists (pass overwrite=True to replace it)")
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    manifest: dict[str, Any] = {"format": FORMAT, "opset": opset, "mutated_output_prefix": MUTATED_PREFIX,
-                                "meta": meta or {}, "files": [], "training": [], "data": []}
-    try:
-        used: set[str] = set()
-        for ge in graphs:
-            manifest["files"].append(_write_graph(tmp, ge, opset, used))
-        for te in training:
-            sub = te.subdir or _training_dir(te.block)
-            info = export_training_artifacts(**te.kwargs, out_dir=os.path.join(tmp, sub))
-            info.update({"block": te.block, "device": te.device, "dir": sub,
-                         "files": [f"{sub}/{f}" for f in info["files"]]})
-            manifest["training"].append(info)
-        for fname, named in (arrays or {}).items():
-            np.savez(os.path.join(tmp, fname), **{k: np.asarray(v) for k, v in named.items()})
-            manifest["data"].append({"file": fname, "arrays": {k: {"shape": list(np.shape(v)),
-                                                                  "dtype": str(np.asarray(v).dtype)}
-                                                              for k, v in named.items()}})
-        if program is not None:
-            manifest["program"] = program
-        with open(os.path.join(tmp, "manifest.json"), "w") as fh:
-            json.dump(manifest, fh, indent=2, default=str)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _write_graph(tmp: str, ge: GraphExport, opset: int, used: set[str]) -> dict:
-    fname = ge.file or _safe(ge.name) + ".onnx"
-    if fname in used:
-        raise ExportError(f"two graphs write {fname}")
-    used.add(fname)
-    model = export_graph_module(ge.graph_module, ge.example_inputs, os.path.join(tmp, fname),
-                                ge.input_names, ge.output_names, opset, ge.name)
-    desc = describe_model(model)
-    mutates = {o["name"]: o["name"][len(MUTATED_PREFIX):] for o in desc["outputs"]
-               if o["name"].startswith(MUTATED_PREFIX)}
-    return {"file": fname, "name": ge.name, "kind": ge.kind, "block": ge.block, "device": ge.device, **desc,
-            "mutates": mutates}
-
-
-def _swap_in(tmp: str, out_dir: str) -> None:
-    """Rename the finished temp dir to ``out_dir``, replacing an old one only once the new one is complete."""
-    if os.path.exists(out_dir):
-        old = out_dir + ".old-" + os.path.basename(tmp).rsplit("-", 1)[-1]
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # A compiled Program -> a directory that trains from files alone
 # ---------------------------------------------------------------------------------------------------------------
 def export_program(prog, out_dir: str, devices: Any = None, training: bool = True, optimizer: str = "sgd",
-                   opset: int = 18, example_labels: Any = None) -> dict:
+                   opset: int = 18, example_labels: Any = None, overwrite: bool = False) -> dict:
     """``prog.export_onnx(out_dir)``: the target graph, every block's inner-update graph, (``training=True``) its
     onnxruntime-training artifacts, the current parameters, buffers and optimizer states, and ``manifest.json``.
 
@@ -355,7 +228,9 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
     per block in the manifest. The target graph must have been built (``prog.step`` once, or ``example_labels``
     given); every graph has the static shapes of that batch. Blocks whose (transfer, local loss) pair has no
     artifact loss (e.g. GELU with the matching loss) are listed under ``"training_skipped"`` with the reason.
-    ``optimizer``: the artifacts' optimizer, "sgd" or "adamw" (the lr is set at run time).
+    ``optimizer``: the artifacts' optimizer, "sgd" or "adamw" (the lr is set at run time). ``out_dir`` must be
+    missing or empty, or (``overwrite=True``) a previous export holding nothing else: anything else raises
+    :class:`ExportError` before the program or the directory is touched.
 
     Example:
         >>> import torch, lwcompile
@@ -365,6 +240,7 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
         >>> [b["file"] for b in man["program"]["blocks"]]                                # doctest: +SKIP
         ['inner_0.onnx', 'inner_2.onnx']
     """
+    check_out_dir(out_dir, overwrite)  # refuse before building graphs (slow, and it changes prog); rechecked later
     if example_labels is not None:
         prog.build_target_graph(example_labels)
     tg, sig = prog.target_graph, prog.target_signature
@@ -394,7 +270,8 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
     program = program_manifest(prog, where, batch, {t.block for t in train}, arrays)
     meta = {"blocks": [b.name for b in prog.blocks], "training_skipped": skipped}
     try:
-        return export_onnx_dir(out_dir, graphs, train, opset=opset, meta=meta, arrays=arrays, program=program)
+        return export_onnx_dir(out_dir, graphs, train, opset=opset, meta=meta, arrays=arrays, program=program,
+                               overwrite=overwrite)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -402,11 +279,11 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
 
 
 def _inner_file(block: str) -> str:
-    return f"inner_{_safe(block)}.onnx"
+    return f"inner_{safe_name(block)}.onnx"
 
 
 def _training_dir(block: str) -> str:
-    return f"training/{_safe(block)}"
+    return f"training/{safe_name(block)}"
 
 
 def _value(prog, name: str) -> torch.Tensor:

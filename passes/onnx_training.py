@@ -34,6 +34,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from lwcompile.errors import ExportError
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.onnx_decomp import prepare_graph, quiet, translate_prepared
+from lwcompile.passes.transfer import SELU_ALPHA, SELU_SCALE
 
 LOCAL_LOSSES = ("squared_pre", "squared_post", "matching", "dual_bregman")
 
@@ -66,8 +67,29 @@ class _Graph:
     def total(self, t: str) -> str:
         return self("ReduceSum", t, keepdims=0)
 
+    def shift(self, t: str, c: float) -> str:  # t + c
+        return self("Add", t, self.const(c))
+
+    def scale(self, t: str, c: float) -> str:  # c·t
+        return self("Mul", self.const(c), t)
+
+    def clamp(self, t: str, lo: float, hi: float) -> str:
+        # lo + relu(t − lo) − relu(t − hi): Relu's gradient is one every onnxruntime-training build has
+        return self("Sub", self.shift(self("Relu", self.shift(t, -lo)), lo), self("Relu", self.shift(t, -hi)))
+
 
 Builder = Callable[[_Graph, str, dict], str]
+
+
+def _hardtanh_range(kw: dict) -> tuple[float, float]:
+    return float(kw.get("min_val", -1.0)), float(kw.get("max_val", 1.0))
+
+
+def _exp_linear(g: _Graph, t: str, alpha: float, k: float) -> str:
+    """relu(t) + α(e^{k·min(t, 0)} − 1): ELU-shaped; SELU (times its scale) and CELU (k = 1/α)."""
+    return g("Add", g("Relu", t), g.scale(g.shift(g("Exp", g.scale(g.neg_part(t), k)), -1.0), alpha))
+
+
 # f(t) of each transfer, as ONNX nodes
 TRANSFER_OF: dict[str, Builder] = {
     "identity": lambda g, t, kw: t,
@@ -80,11 +102,42 @@ TRANSFER_OF: dict[str, Builder] = {
                                    g.const(kw.get("beta", 1.0))),
     "elu": lambda g, t, kw: g("Add", g("Relu", t), g("Mul", g.const(kw.get("alpha", 1.0)),
                                                      g("Sub", g("Exp", g.neg_part(t)), g.const(1.0)))),
+    "hardtanh": lambda g, t, kw: g.clamp(t, *_hardtanh_range(kw)),
+    "relu6": lambda g, t, kw: g.clamp(t, 0.0, 6.0),
+    "hardsigmoid": lambda g, t, kw: g.scale(g.clamp(g.shift(t, 3.0), 0.0, 6.0), 1 / 6),
+    "hardswish": lambda g, t, kw: g("Mul", t, g.scale(g.clamp(g.shift(t, 3.0), 0.0, 6.0), 1 / 6)),
+    "selu": lambda g, t, kw: g.scale(_exp_linear(g, t, SELU_ALPHA, 1.0), SELU_SCALE),
+    "celu": lambda g, t, kw: _exp_linear(g, t, kw.get("alpha", 1.0), 1 / kw.get("alpha", 1.0)),
+    "mish": lambda g, t, kw: g("Mul", t, g("Tanh", g.softplus(t))),
+    "logsigmoid": lambda g, t, kw: g("Neg", g.softplus(g("Neg", t))),
+    "softsign": lambda g, t, kw: g("Div", t, g.shift(g("Abs", t), 1.0)),
 }
 
 
 def _half_square(g: _Graph, t: str) -> str:
     return g("Mul", g.const(0.5), g("Mul", t, t))
+
+
+def _clamp_potential(g: _Graph, t: str, lo: float, hi: float) -> str:
+    """∫₀ᵗ clamp(s, lo, hi) ds = lo·t + ½relu(t − lo)² − ½relu(t − hi)² + const (as transfer._clamp_F)."""
+    c = -0.5 * max(-lo, 0.0) ** 2 + 0.5 * max(-hi, 0.0) ** 2
+    quad = g("Sub", _half_square(g, g("Relu", g.shift(t, -lo))), _half_square(g, g("Relu", g.shift(t, -hi))))
+    return g.shift(g("Add", g.scale(t, lo), quad), c)
+
+
+def _hardswish_potential(g: _Graph, t: str) -> str:
+    """c³/18 + c²/4 + ½relu(t − 3)(t + 3) with c = clamp(t, −3, 3) (as transfer._hardswish_F)."""
+    c = g.clamp(t, -3.0, 3.0)
+    c2 = g("Mul", c, c)
+    inner = g("Add", g.scale(g("Mul", c2, c), 1 / 18), g.scale(c2, 0.25))
+    return g("Add", inner, g.scale(g("Mul", g("Relu", g.shift(t, -3.0)), g.shift(t, 3.0)), 0.5))
+
+
+def _exp_linear_potential(g: _Graph, t: str, alpha: float, k: float) -> str:
+    """½relu(t)² + α((e^{k·m} − 1)/k − m), m = min(t, 0): the integral of :func:`_exp_linear`."""
+    m = g.neg_part(t)
+    neg = g("Sub", g.scale(g.shift(g("Exp", g.scale(m, k)), -1.0), 1 / k), m)
+    return g("Add", _half_square(g, g("Relu", t)), g.scale(neg, alpha))
 
 
 # the potential F(t) (F' = f) of each transfer, for the matching and dual Bregman losses
@@ -100,6 +153,15 @@ POTENTIAL_OF: dict[str, Builder] = {
     "elu": lambda g, t, kw: g("Add", _half_square(g, g("Relu", t)),
                               g("Mul", g.const(kw.get("alpha", 1.0)),
                                 g("Sub", g("Sub", g("Exp", g.neg_part(t)), g.const(1.0)), g.neg_part(t)))),
+    "hardtanh": lambda g, t, kw: _clamp_potential(g, t, *_hardtanh_range(kw)),
+    "relu6": lambda g, t, kw: _clamp_potential(g, t, 0.0, 6.0),
+    "hardsigmoid": lambda g, t, kw: g.scale(g.shift(_clamp_potential(g, g.shift(t, 3.0), 0.0, 6.0), -4.5), 1 / 6),
+    "hardswish": lambda g, t, kw: _hardswish_potential(g, t),
+    "selu": lambda g, t, kw: g.scale(_exp_linear_potential(g, t, SELU_ALPHA, 1.0), SELU_SCALE),
+    "celu": lambda g, t, kw: _exp_linear_potential(g, t, kw.get("alpha", 1.0), 1 / kw.get("alpha", 1.0)),
+    # |t| − log(1 + |t|)
+    "softsign": lambda g, t, kw: g("Sub", g("Abs", t), g("Log", g.shift(g("Abs", t), 1.0))),
+    # no rows for mish (its F is a quadrature), logsigmoid and softplus (theirs need the dilogarithm), gelu, silu
 }
 # what each local loss needs of the transfer
 _NEEDS = {"squared_pre": (), "squared_post": (TRANSFER_OF,), "matching": (POTENTIAL_OF,),
@@ -251,6 +313,10 @@ def _generate(base: onnx.ModelProto, params: list[str], loss, optim, out_dir: st
     """``generate_artifacts`` into a temp dir beside ``out_dir``, then rename it; nothing is left on failure."""
     from onnxruntime.training import artifacts as ort_artifacts
     out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        # lwcompile never deletes or renames what it did not write
+        raise ExportError(f"{out_dir} exists and is not an empty directory; training artifacts go to a new or "
+                          "empty directory (nothing was changed).")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
@@ -264,8 +330,8 @@ def _generate(base: onnx.ModelProto, params: list[str], loss, optim, out_dir: st
         info = dict(info, files=sorted(os.listdir(tmp)) + ["lwblock.json"])
         with open(os.path.join(tmp, "lwblock.json"), "w") as fh:
             json.dump(info, fh, indent=2, default=str)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above: only an empty directory is ever replaced
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

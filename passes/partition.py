@@ -30,7 +30,7 @@ from lwcompile.errors import PartitionError
 from lwcompile.ir import Block
 from lwcompile.passes import registry as R
 from lwcompile.passes.linear_ops import LINEAR_OPS
-from lwcompile.passes.trace import preserved_state
+from lwcompile.passes.state import preserved_state
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ def _param_target(gm: fx.GraphModule, node: Any) -> str | None:
             return None
         return node.target if isinstance(t, nn.Parameter) else None
     return None
+
+
+def _arg(node: fx.Node, i: int, name: str) -> Any:
+    """Argument ``i`` of a call, given positionally or by keyword (``F.linear(input=x, weight=w)``)."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
 def _tuple(v, nd: int) -> tuple:
@@ -120,24 +125,24 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | st
         return _LinearMatch(op, node.args[0], f"{node.target}.weight", bias, attrs, node)
     if node.op == "call_function" and node.target in R.LINEAR_FUNCTIONS:
         op = R.LINEAR_FUNCTIONS[node.target]
-        args = list(node.args) + [None] * 3
-        w = _param_target(gm, args[1] if args[1] is not None else node.kwargs.get("weight"))
+        w = _param_target(gm, _arg(node, 1, "weight"))
         if w is None:
             return None
-        b_node = args[2] if args[2] is not None else node.kwargs.get("bias")
+        b_node = _arg(node, 2, "bias")
         b = _param_target(gm, b_node)
         if b_node is not None and b is None:
             return "has a bias that is not a parameter"
         attrs: tuple | None = ()
         if op != "linear":
-            attrs = _conv_attrs(op, tuple(gm.get_parameter(w).shape), list(node.args[3:]), dict(node.kwargs))
+            attrs = _conv_attrs(op, tuple(gm.get_parameter(w).shape), list(node.args[3:]),
+                                {k: v for k, v in node.kwargs.items() if k not in ("input", "weight", "bias")})
             if attrs is None:
                 return "uses asymmetric 'same' padding"
-        return _LinearMatch(op, node.args[0], w, b, attrs, node)
+        return _LinearMatch(op, _arg(node, 0, "input"), w, b, attrs, node)
     is_mm = (node.op == "call_function" and node.target in R.MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in R.MATMUL_METHODS)
-    if is_mm and len(node.args) == 2:
-        x, w = node.args
+    if is_mm and (len(node.args) == 2 or set(node.kwargs) in ({"other"}, {"input", "other"})):
+        x, w = _arg(node, 0, "input"), _arg(node, 1, "other")
         direct = _param_target(gm, w)
         if direct is not None and gm.get_parameter(direct).dim() == 2:
             return _LinearMatch("matmul", x, direct, None, (), node)
@@ -191,16 +196,25 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(int(s) for s in meta.shape)
 
 
-def _uses(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Every graph node that consumes each parameter (directly, or as a module it owns)."""
-    uses: dict[str, list[fx.Node]] = {}
+def _uses(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
+    """Every graph node that consumes each parameter *tensor* (keyed by identity, so a weight tied by attribute
+    assignment, ``self.out.weight = self.emb.weight``, is one entry whatever name each use reaches it by)."""
+    uses: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and _param_target(gm, node):
-            uses.setdefault(node.target, []).extend(node.users)
+            uses.setdefault(id(gm.get_parameter(node.target)), []).extend(node.users)
         elif node.op == "call_module":
-            for pname, _ in gm.get_submodule(node.target).named_parameters():
-                uses.setdefault(f"{node.target}.{pname}", []).append(node)
+            for _, p in gm.get_submodule(node.target).named_parameters(remove_duplicate=False):
+                uses.setdefault(id(p), []).append(node)
     return uses
+
+
+def _own_uses(m: _LinearMatch, node: fx.Node) -> set[fx.Node]:
+    """The nodes through which a block reads its own weight: the op, and a transpose only it consumes."""
+    own = {node}
+    if m.consumer is not node and set(m.consumer.users) == {node}:
+        own.add(m.consumer)
+    return own
 
 
 def _block_name(m: _LinearMatch, node: fx.Node, taken: set[str]) -> str:
@@ -230,6 +244,8 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
     notes: list[str] = []
     blocks: list[Block] = []
     taken: set[str] = set()
+    claimed: dict[int, str] = {}  # parameter tensor -> the block that trains it with its local loss
+    shared: set[int] = set()  # block parameters that are also read outside their block
     for node in gm.graph.nodes:
         m = _match_linear(gm, node)
         if m is None:
@@ -244,16 +260,18 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
         weight = gm.get_parameter(m.weight)
         if _skipped(skip, name, cls) or not weight.requires_grad:
             continue
-        for p, consumer in ((m.weight, m.consumer), (m.bias, node)):
-            if p is None:
-                continue
-            others = [u for u in uses.get(p, []) if u is not consumer]
-            if others or (consumer is not node and len(consumer.users) != 1):
-                users = ", ".join(sorted({u.name for u in uses.get(p, [])} | {node.name}))
-                raise PartitionError(
-                    f"parameter {p!r} is used by several ops ({users}): tied weights would get one block's update "
-                    f"and lose the others'. Pass Config(skip=({name!r},)) to train it with the outer optimizer "
-                    "instead, or untie the weights.")
+        bias_t = gm.get_parameter(m.bias) if m.bias else None
+        again = [claimed[id(t)] for t in (weight, bias_t) if t is not None and id(t) in claimed]
+        if again:
+            notes.append(f"{where} reuses a parameter of block {again[0]!r} (tied weights): that block trains it "
+                         "with its local loss; this use adds its gradient through the outer optimizer.")
+            continue
+        if not isinstance(m.x, fx.Node):
+            raise PartitionError(f"block node {node.name!r}: its input is not a graph value")
+        own = _own_uses(m, node)
+        for t in (weight, bias_t):
+            if t is not None and any(u not in own for u in uses.get(id(t), [])):
+                shared.add(id(t))
         x_shape, z_shape = _shape(m.x), _shape(node)
         transfer, kw, t_node = "identity", {}, None
         users = list(node.users)
@@ -273,20 +291,26 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
                     kw = {}
         w_shape = tuple(weight.shape)
         macs = LINEAR_OPS[m.op].macs(x_shape, z_shape, w_shape, dict(m.attrs))
+        frozen = (m.bias,) if bias_t is not None and not bias_t.requires_grad else ()
         blocks.append(Block(
             name=name, node=node.name, op=m.op, attrs=m.attrs, transfer=transfer,
             transfer_kwargs=tuple(sorted(kw.items())), weight=m.weight, bias=m.bias, weight_shape=w_shape,
-            bias_shape=tuple(gm.get_parameter(m.bias).shape) if m.bias else None,
+            bias_shape=tuple(bias_t.shape) if bias_t is not None else None,
             input_shape=x_shape, output_shape=z_shape, flops_per_example=2 * macs, transfer_node=t_node,
-            dtype_bytes=weight.element_size()))
+            dtype_bytes=weight.element_size(), input_node=m.x.name, frozen=frozen))
         taken.add(name)
+        for t in (weight, bias_t):
+            if t is not None:
+                claimed[id(t)] = name
     if not blocks:
         raise PartitionError(
             f"{type(gm).__name__} has no block: no parameter-carrying linear op (nn.Linear, nn.ConvNd, F.linear, "
             "x @ W.T, ...) was found" + (" outside the skip patterns" if skip else "") +
             ". lwcompile needs at least one; train this model with an ordinary optimizer.")
-    block_params = {p for b in blocks for p in b.params}
-    nonblock = tuple(n for n, p in gm.named_parameters() if p.requires_grad and n not in block_params)
+    # One entry per trainable tensor (its first name): every tensor outside blocks, and block tensors that are
+    # also read elsewhere (tied weights), which the outer optimizer steps on the gradient of those other uses.
+    nonblock = tuple(n for n, p in gm.named_parameters()
+                     if p.requires_grad and (id(p) not in claimed or id(p) in shared))
     return Partition(tuple(blocks), nonblock, _block_edges(gm, blocks), tuple(notes))
 
 

@@ -18,8 +18,10 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -28,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from lwcompile.errors import LossError, TraceError
 from lwcompile.ir import Block
+from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.local_losses import make_target
 from lwcompile.passes.transfer import apply_transfer
 
@@ -54,11 +57,28 @@ class TargetSignature:
                 + [f"grad:{p}" for p in self.nonblock])
 
 
+_ALIAS = "_lw_block"
+
+
+def block_param_alias(i: int, k: int) -> str:
+    """The attribute through which the tapped graph's block ``i`` reads its parameter ``k`` (0 weight, 1 bias)."""
+    return f"{_ALIAS}{i}_" + ("weight", "bias")[k]
+
+
 def tap(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModule:
-    """A copy of ``gm`` returning (original output, x_1, â_1, [ŷ_1], x_2, ...)."""
+    """A copy of ``gm`` returning (original output, x_1, â_1, [ŷ_1], x_2, ...).
+
+    Each block's linear op becomes ``apply_linear(x, W, b)`` (the same function the inner loop runs), reading W
+    and b through attributes of its own (:func:`block_param_alias`). So the block's use of a parameter is a
+    separate leaf when the target graph differentiates: a weight that is also read elsewhere (tied weights)
+    gets the gradient of its other uses alone, and the block's share comes through its local loss.
+    """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     by_transfer = {b.transfer_node: b for b in blocks if b.transfer_node}
+    by_linear = {b.node: (i, b) for i, b in enumerate(blocks)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    aliases: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
@@ -66,28 +86,78 @@ def tap(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModule:
             b = by_transfer[node.name]
             linear = next(n for n in node.all_input_nodes if n.name == b.node)
             env[node] = graph.call_function(apply_transfer, (env[linear], b.transfer, b.transfer_kwargs))
-            env[node].name = node.name
+        elif node.name in by_linear:
+            i, b = by_linear[node.name]
+            params = []
+            for k, p in enumerate(b.params):
+                alias = block_param_alias(i, k)
+                aliases[alias] = gm.get_parameter(p)
+                params.append(graph.get_attr(alias))
+            x = env[nodes[b.input_node]] if b.input_node else env[_block_input(node, gm)]
+            env[node] = graph.call_function(apply_linear, (x, params[0], params[1] if b.bias else None,
+                                                           b.op, b.attrs))
+        elif node.op == "call_module" and _cumulative_bn(gm.get_submodule(node.target)):
+            mod, t = gm.get_submodule(node.target), node.target
+            state = [graph.get_attr(f"{t}.{a}") if getattr(mod, a) is not None else None
+                     for a in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+            env[node] = graph.call_function(cumulative_batch_norm, (env[node.args[0]], *state, mod.eps))
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    nodes = {n.name: n for n in gm.graph.nodes}
+            continue
+        env[node].name = node.name
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     taps = []
     for b in blocks:
         linear = nodes[b.node]
-        x = _block_input(linear, gm)
+        x = nodes[b.input_node] if b.input_node else _block_input(linear, gm)
         taps += [env[x], env[linear]]
         if b.transfer_node:
             taps.append(env[nodes[b.transfer_node]])
     orig = fx.node.map_arg(out_node.args[0], lambda n: env[n])
     graph.output((orig, *taps))
-    return fx.GraphModule(gm, graph, "Tapped" + type(gm).__name__)
+    graph.eliminate_dead_code(is_impure_node=lambda n: not _is_weight_glue(n))  # the replaced ops' weight reads
+    root = torch.nn.Module()  # the tapped module's own root: block aliases never land on the user's modules
+    for name, p in aliases.items():
+        root.register_parameter(name, p)
+    for n in graph.find_nodes(op="get_attr") + graph.find_nodes(op="call_module"):
+        top = n.target.split(".")[0]
+        if not hasattr(root, top):
+            setattr(root, top, getattr(gm, top))
+    return fx.GraphModule(root, graph, "Tapped" + type(gm).__name__)
 
 
-def _block_input(linear: fx.Node, gm: fx.GraphModule) -> fx.Node:
-    x = linear.args[0]
-    if not isinstance(x, fx.Node):
-        raise TraceError(f"block node {linear.name!r}: its input is not a graph value")
-    return x
+def _cumulative_bn(m: torch.nn.Module) -> bool:
+    return (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.momentum is None
+            and m.track_running_stats)
+
+
+def cumulative_batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, eps: float):
+    """``nn.BatchNorm*(momentum=None)`` in training mode with tensor ops only. The module computes its factor
+    as ``1.0 / float(num_batches_tracked)``, a Python float read from a buffer, which cannot be traced."""
+    num_batches_tracked.add_(1)
+    out = torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+    with torch.no_grad():
+        xd = x.detach()
+        dims = [0, *range(2, xd.dim())]
+        factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
+        running_mean.mul_(1 - factor).add_(factor * xd.mean(dims))
+        running_var.mul_(1 - factor).add_(factor * xd.var(dims, correction=1))
+    return out
+
+
+def _is_weight_glue(n: fx.Node) -> bool:
+    """Side-effect-free reads of a weight (get_attr, a transpose) that may be dropped once unused."""
+    if n.op == "get_attr":
+        return True
+    if n.op == "call_method":
+        return n.target in ("t", "transpose", "permute")
+    return n.op == "call_function" and (n.target in (torch.t, torch.transpose, torch.permute) or (
+        n.target is getattr and n.args[1] in ("T", "mT")))
+
+
+def apply_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, op: str, attrs: tuple) -> torch.Tensor:
+    """A block's linear op, as the inner loop computes it: â = op(x; W, b)."""
+    return LINEAR_OPS[op].apply(x, w, b, dict(attrs))
 
 
 def tap_layout(blocks: Sequence[Block]) -> list[tuple[int, int, int | None]]:
@@ -104,31 +174,48 @@ def tap_layout(blocks: Sequence[Block]) -> list[tuple[int, int, int | None]]:
 
 
 def make_target_fn(tapped: fx.GraphModule, blocks: Sequence[Block], loss_fn: Callable, sig: TargetSignature,
-                   target: str, gamma: float, out_spec: Any = None) -> Callable:
-    """The Python function the target graph is traced from (also runnable eagerly)."""
+                   target: str, gamma: float, out_spec: Any = None,
+                   param_tensors: Sequence[torch.Tensor] | None = None) -> Callable:
+    """The Python function the target graph is traced from (also runnable eagerly).
+
+    ``param_tensors`` are the tensors named by ``sig.params`` (default: looked up in ``tapped``); every name the
+    tapped module reaches a tensor by becomes a leaf of its own, and a non-block tensor's gradient is the sum
+    over its names, so tied weights get each use's gradient exactly once.
+    """
     layout = tap_layout(blocks)
     n_p, n_b, n_i = len(sig.params), len(sig.buffers), sig.n_inputs
+    if param_tensors is None:
+        param_tensors = [tapped.get_parameter(p) for p in sig.params]
+    index = {id(t): i for i, t in enumerate(param_tensors)}
+    leaf_names = [(name, index[id(t)]) for name, t in tapped.named_parameters(remove_duplicate=False)]
+    buf_index = {name: i for i, name in enumerate(sig.buffers)}
+    buffer_names = [(name, buf_index[name]) for name, _ in tapped.named_buffers(remove_duplicate=False)
+                    if name in buf_index]
     nonblock_idx = [sig.params.index(p) for p in sig.nonblock]
 
     def target_fn(*flat: torch.Tensor):
-        params = [p.detach().requires_grad_(True) for p in flat[:n_p]]
+        leaves = [(name, i, flat[i].detach().requires_grad_(True)) for name, i in leaf_names]
         buffers = flat[n_p:n_p + n_b]
         inputs = flat[n_p + n_b:n_p + n_b + n_i]
         labels = flat[n_p + n_b + n_i:]
-        state = dict(zip(sig.params, params)) | dict(zip(sig.buffers, buffers))
+        state = {name: leaf for name, _, leaf in leaves} | {name: buffers[i] for name, i in buffer_names}
         with torch.enable_grad():
-            outs = torch.func.functional_call(tapped, state, tuple(inputs))
+            outs = torch.func.functional_call(tapped, state, tuple(inputs), tie_weights=False)
             model_out, tail = outs[0], outs[1:]
             if out_spec is not None:
                 model_out = pytree.tree_unflatten(list(model_out), out_spec)
-            loss = loss_fn(model_out, *labels)
-            check_loss(loss)
+            loss = call_loss(loss_fn, model_out, labels)
             pre = [tail[a] for _, a, _ in layout]
             post = [tail[y] for _, _, y in layout if y is not None]
-            wrt = pre + post + [params[i] for i in nonblock_idx]
+            uses = [[leaf for name, i, leaf in leaves if i == j and not name.startswith(_ALIAS)] for j in nonblock_idx]
+            wrt = pre + post + [leaf for group in uses for leaf in group]
             grads = torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
         g_pre, g_post = grads[:len(pre)], list(grads[len(pre):len(pre) + len(post)])
-        g_nonblock = grads[len(pre) + len(post):]
+        rest = list(grads[len(pre) + len(post):])
+        g_nonblock = []
+        for group, j in zip(uses, nonblock_idx):
+            parts = [rest.pop(0) for _ in group]
+            g_nonblock.append(_sum(parts) if parts else torch.zeros_like(flat[j]))
         xs, targets = [], []
         for (xi, ai, yi), gp in zip(layout, g_pre):
             a_hat = tail[ai].detach()
@@ -139,6 +226,32 @@ def make_target_fn(tapped: fx.GraphModule, blocks: Sequence[Block], loss_fn: Cal
         return (loss.detach(), *xs, *targets, *g_nonblock)
 
     return target_fn
+
+
+def _sum(ts: list[torch.Tensor]) -> torch.Tensor:
+    out = ts[0]
+    for t in ts[1:]:
+        out = out + t
+    return out
+
+
+def call_loss(loss_fn: Callable, output: Any, labels: Sequence[Any]) -> torch.Tensor:
+    """``loss_fn(output, *labels)``, checked; its own failure is reported as a :class:`LossError`."""
+    try:
+        loss = loss_fn(output, *labels)
+    except LossError:
+        raise
+    except Exception as e:
+        def desc(v: Any) -> str:
+            return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor) else type(v).__name__
+        outs = ", ".join(desc(v) for v in pytree.tree_leaves(output))
+        labs = ", ".join(desc(v) for v in labels) or "none"
+        raise LossError(f"the loss function failed on the model output ({outs}) and the labels ({labs}): "
+                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. Check "
+                        "the labels' dtype and shape (e.g. F.cross_entropy takes int64 class indices, or float "
+                        "class probabilities shaped like the output).") from e
+    check_loss(loss)
+    return loss
 
 
 def check_loss(loss: Any) -> None:
@@ -155,10 +268,41 @@ def check_loss(loss: Any) -> None:
                         "compute it from the model output without detaching.")
 
 
-def build_target_graph(target_fn: Callable, flat_example: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Trace ``target_fn`` into an ATen-level GraphModule (fake tensors: nothing runs, no buffer moves)."""
+@contextlib.contextmanager
+def _tracing_context(recurrent: bool) -> Iterator[None]:
+    """While tracing the target graph: fake-tensor failure logs dropped and, for recurrent models, the fused
+    RNN kernels (oneDNN on CPU, cuDNN on CUDA) off.
+
+    * A fused RNN kernel's backward needs the workspace its forward returns only in some modes: on CPU a
+      float32 ``nn.LSTM`` is recorded as ``mkldnn_rnn_layer``, whose workspace exists only under grad mode, and
+      the target graph runs under ``no_grad`` (the first step failed in ``mkldnn_rnn_layer_backward``); on
+      CUDA ``_cudnn_rnn`` cannot be traced with fake tensors at all. With them off, ``nn.LSTM``/``GRU``/``RNN``
+      are recorded as plain ATen ops. Only recurrent models: with cuDNN off, BatchNorm on CUDA would also be
+      recorded as ``native_batch_norm`` instead of ``cudnn_batch_norm``.
+    * FakeTensor logs every failing meta kernel with a traceback at ERROR level (e.g. float labels given to
+      cross_entropy); the error itself reaches the user as a LossError/TraceError, so the log is noise.
+    """
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    drop = lambda record: not record.getMessage().startswith("failed while attempting to run meta")  # noqa: E731
+    fused = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    if recurrent:  # only the "enabled" flags (the flags() context managers also reset TF32 etc., and warn)
+        torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+    log.addFilter(drop)
     try:
-        gm = make_fx(target_fn, tracing_mode="fake")(*flat_example)
+        yield
+    finally:
+        log.removeFilter(drop)
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = fused
+
+
+def build_target_graph(target_fn: Callable, flat_example: Sequence[torch.Tensor],
+                       recurrent: bool = False) -> fx.GraphModule:
+    """Trace ``target_fn`` into an ATen-level GraphModule (fake tensors: nothing runs, no buffer moves).
+    ``recurrent``: the model has ``nn.RNNBase`` modules (see :func:`_tracing_context`)."""
+    try:
+        # Tensors a loss holds (CrossEntropyLoss(weight=...)) are real, not fake: let them in as constants.
+        with _tracing_context(recurrent):
+            gm = make_fx(target_fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat_example)
     except (LossError,):
         raise
     except Exception as e:

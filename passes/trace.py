@@ -13,7 +13,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import io
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,6 +23,9 @@ from torch.utils import _pytree as pytree
 
 from lwcompile.errors import TraceError
 from lwcompile.ir import TraceResult
+from lwcompile.passes import registry
+from lwcompile.passes.functionalize import functionalize_inplace
+from lwcompile.passes.state import preserved_state
 
 SYMBOLIC = "torch.fx.symbolic_trace"
 EXPORT = "torch.export"
@@ -37,22 +41,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _TRACE_THROUGH):
             return False
+        if type(m) in registry.TRANSFER_MODULES:  # a user-registered transfer module stays one call_module node
+            return True
         return super().is_leaf_module(m, qualname)
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Run something on the model, then put back its buffers (BatchNorm statistics) and the RNG."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
-             if not isinstance(v, nn.Parameter)}
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for k, v in model.state_dict(keep_vars=True).items():
-                    if k in saved:
-                        v.copy_(saved[k])
 
 
 def _symbolic(model: nn.Module) -> fx.GraphModule:
@@ -62,14 +53,27 @@ def _symbolic(model: nn.Module) -> fx.GraphModule:
 
 
 def _export(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, Any, Any]:
+    """torch.export's graph as a plain GraphModule, functionalized (see :mod:`lwcompile.passes.functionalize`)."""
     dyn = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
                 for a in example_inputs)
     try:
         ep = torch.export.export(model, example_inputs, dynamic_shapes=dyn, strict=False)
     except Exception:  # a batch dimension that cannot be dynamic: fall back to static shapes
         ep = torch.export.export(model, example_inputs, strict=False)
+    leaves = pytree.tree_leaves(example_inputs)
+    try:
+        # The training IR keeps in-place ops (silu_, add_) and BatchNorm's in-op statistics update; rewriting
+        # the former out of place keeps the latter as it is.
+        gm = functionalize_inplace(_plain(ep, model), leaves)
+    except TraceError:
+        # A write through a view: torch's own functionalization (an empty decomposition table) expresses it,
+        # at the price of explicit buffer copies that a train-mode BatchNorm's backward cannot sit beside.
+        gm = functionalize_inplace(_plain(ep.run_decompositions({}), model), leaves)
+    return gm, ep.call_spec.in_spec, ep.call_spec.out_spec
+
+
+def _plain(ep: Any, model: nn.Module) -> fx.GraphModule:
     gm = ep.module()
-    in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
     graph = gm.graph
     # The exported module checks its input guards and (un)flattens pytrees in generated code; our passes
     # want flat positional inputs and outputs, so drop the guard call and use the plain code generator.
@@ -82,7 +86,7 @@ def _export(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, An
     out.args = (tuple(leaves),)
     plain = fx.GraphModule(gm, graph, model.__class__.__name__)
     _rebind_parameters(plain, model)
-    return plain, in_spec, out_spec
+    return plain
 
 
 def _rebind_parameters(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -129,28 +133,43 @@ def _reproduces(res: TraceResult, model: nn.Module, example_inputs: tuple) -> bo
     return _same(ref, got)
 
 
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
 def trace(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> TraceResult:
-    """Capture ``model`` called on ``example_inputs``; ``frontend`` is "auto", "fx" or "export"."""
+    """Capture ``model`` called on ``example_inputs``; ``frontend`` is "auto", "fx" or "export".
+
+    The graph is functionalized (:mod:`lwcompile.passes.functionalize`). Why a front end was passed over is
+    kept in the result's ``notes`` (torch.fx prints failing generated code to stderr: that is captured too).
+    """
     errors: list[str] = []
     if frontend in ("auto", "fx"):
         try:
-            res = TraceResult(_symbolic(model), SYMBOLIC)
-            if _reproduces(res, model, example_inputs):
+            with contextlib.redirect_stderr(io.StringIO()):
+                gm = functionalize_inplace(_symbolic(model), example_inputs)
+                res = TraceResult(gm, SYMBOLIC)
+                ok = _reproduces(res, model, example_inputs)
+            if ok:
                 return res
             errors.append(f"{SYMBOLIC}: the traced graph does not reproduce {type(model).__name__}'s output "
                           "(Python control flow was frozen during tracing)")
-        except Exception as e:  # any failure of the symbolic tracer sends us to torch.export
-            errors.append(f"{SYMBOLIC}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        except Exception as e:  # any failure (or refusal) of the symbolic graph sends us to torch.export
+            errors.append(f"{SYMBOLIC}: {_first_line(e)}")
     if frontend in ("auto", "export"):
         try:
-            gm, in_spec, out_spec = _export(model, example_inputs)
-            res = TraceResult(gm, EXPORT, in_spec, out_spec, notes=tuple(errors))
-            if _reproduces(res, model, example_inputs):
+            with contextlib.redirect_stderr(io.StringIO()):
+                gm, in_spec, out_spec = _export(model, example_inputs)
+                res = TraceResult(gm, EXPORT, in_spec, out_spec, notes=tuple(errors))
+                ok = _reproduces(res, model, example_inputs)
+            if ok:
                 return res
             errors.append(f"{EXPORT}: the exported graph does not reproduce the model's output")
+        except TraceError:
+            raise
         except Exception as e:
-            msg = str(e).strip().splitlines()
-            errors.append(f"{EXPORT}: {type(e).__name__}: {msg[0] if msg else ''}")
+            errors.append(f"{EXPORT}: {_first_line(e)}")
     raise TraceError(
         f"could not trace {type(model).__name__}:\n  " + "\n  ".join(errors) +
         "\nMake the forward traceable (avoid Python control flow on tensor values), or wrap the untraceable "

@@ -49,6 +49,7 @@ def run_jobs(jobs: Mapping[str, Job], assignment: Mapping[str, Sequence[str]] | 
         if not assignment:
             return _run_device(None, list(jobs), jobs)
         groups = _check(jobs, assignment)
+        check_runnable(assignment)  # before any job runs: a missing GPU must not fail half-way through a step
         if len(groups) == 1:
             (device, names), = groups.items()
             return _run_device(_real(device), names, jobs)
@@ -80,6 +81,38 @@ def _check(jobs: Mapping[str, Job], assignment: Mapping[str, Sequence[str]]) -> 
         raise ConfigError(f"the assignment leaves block(s) {missing[:8]} unassigned; every block needs a device "
                           "(use prog.plan(...).assignment).")
     return {d: list(names) for d, names in assignment.items() if names}
+
+
+def check_runnable(devices: Sequence[str] | Mapping[str, Any]) -> None:
+    """Raise ConfigError unless this process can run every named device ("sim:N" and "cpu" always can).
+
+    Called by :func:`run_jobs` before any job and by ``make_plan`` before placing, so a plan for GPUs this machine
+    lacks fails with the device's name instead of ``torch.cuda.Stream requires CUDA support`` mid-step.
+    """
+    for name in devices:
+        if not isinstance(name, str):
+            raise ConfigError(f"device {name!r} of type {type(name).__name__}: a device is a name such as 'cpu', "
+                              "'cuda:0' or 'sim:0'.")
+        if _real(name) is None:
+            continue
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"device {name!r} is not a device torch knows ({e}); use 'cpu', 'cuda:N', or "
+                              "'sim:N' / an int count for simulated devices.") from None
+        backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+        if backend is None or not callable(getattr(backend, "is_available", None)):
+            continue  # a device type torch has no availability query for (e.g. "meta"): torch reports misuse
+        hint = " Use an int (devices=2) or 'sim:N' names for simulated devices that share this machine, or 'cpu'."
+        if not backend.is_available():
+            raise ConfigError(f"device {name!r}: {dev.type.upper()} is not available on this machine "
+                              f"(torch.{dev.type}.is_available() is False).{hint}")
+        count = getattr(backend, "device_count", None)
+        n = count() if callable(count) else None
+        if dev.index is not None and n is not None and dev.index >= n:
+            have = ", ".join(f"{dev.type}:{i}" for i in range(n))
+            raise ConfigError(f"device {name!r} does not exist: only {n} {dev.type.upper()} device(s) exist "
+                              f"({have}).{hint}")
 
 
 def _run_no_grad(device: str | None, names: Sequence[str], jobs: Mapping[str, Job]) -> dict[str, tuple]:

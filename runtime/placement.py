@@ -36,6 +36,7 @@ def make_plan(
     profile: Mapping[str, float] | None = None,
     device_rate: float | None = None,
     optimizer_slots: int = 0,
+    check_devices: bool = True,
 ) -> Plan:
     """Place the inner loops of `blocks` on `devices` and predict the inner phase's makespan.
 
@@ -45,8 +46,11 @@ def make_plan(
     devices:     device names ("cpu", "cuda:0", ...) or a count of simulated identical devices ("sim:0", ...).
     mode:        "replicated" (independent jobs) or "partitioned" (contiguous pipeline stages).
     profile:     measured seconds per block name; replaces the FLOP estimate for the blocks it names.
-    device_rate: FLOP/s used to turn FLOPs into seconds; None measures a small CPU matmul once.
+    device_rate: FLOP/s used to turn FLOPs into seconds; None measures a CPU matmul once per process (with its own
+                 RNG: planning never touches torch's global random state).
     optimizer_slots: parameter-sized state tensors of the inner optimizer (gd 0, momentum/rmsprop 1, adam 2).
+    check_devices: refuse (ConfigError) device names this machine cannot run, e.g. "cuda:1" with one GPU, so the
+                 plan fails here rather than at step time. False plans for another machine (pure: any names).
 
     Example:
         >>> from lwcompile.ir import Block
@@ -63,6 +67,10 @@ def make_plan(
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r}: expected one of {MODES}.")
     names = resolve_devices(devices)
+    if check_devices and any(not (d == "cpu" or d.startswith("sim:")) for d in names):
+        from lwcompile.runtime.local import check_runnable  # imports torch: only when a real device is named
+
+        check_runnable(names)
     if not blocks:
         raise ConfigError("make_plan got no blocks to place; the program must have at least one block.")
     costs = block_costs(blocks, steps, optimizer_slots, device_rate, profile)

@@ -6,7 +6,7 @@ turns into JSON, DOT text or a PNG picture; :meth:`Plan.from_json` reads the JSO
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,13 +122,19 @@ class Plan:
         steps = self.graph.graph.get("steps")
         head = (f"{self.mode} plan: {self.graph.number_of_nodes()} blocks on {len(self.devices)} devices"
                 + (f", {steps} inner steps" if steps else "") + (f" ({self.algorithm})" if self.algorithm else ""))
-        rows = [("device", "blocks", "inner time", "memory", "share")]
+        # The blocks cell wraps onto continuation lines, between names only: a block name is never cut, however
+        # long (a truncated "encoder.layers.11.self_attn…" cannot be told from its siblings).
+        rows = [("device", ["blocks"], "inner time", "memory", "share")]
         for d in self.devices:
             share = self.times[d] / self.makespan if self.makespan > 0 else 0.0
-            rows.append((d, _shorten(", ".join(self.assignment[d]) or "-"), _seconds(self.times[d]),
-                         _bytes(self.memory[d]), f"{100 * share:.1f}%"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+            rows.append((d, _wrap(self.assignment[d]), _seconds(self.times[d]), _bytes(self.memory[d]),
+                         f"{100 * share:.1f}%"))
+        widths = [max(len(r[i]) if i != 1 else max(map(len, r[1])) for r in rows) for i in range(len(rows[0]))]
+        lines = [head]
+        for device, blocks, *rest in rows:
+            for k, part in enumerate(blocks):
+                cells = (device, part, *rest) if k == 0 else ("", part, *("" for _ in rest))
+                lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
         if self.graph.number_of_edges():
             lines.append(f"activations crossing devices: {_bytes(self.crossing_bytes)}")
         lines.append(f"makespan {_seconds(self.makespan)} vs lower bound {_seconds(self.lower_bound)}")
@@ -198,8 +204,18 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _shorten(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _wrap(names: Sequence[str], width: int = 48) -> list[str]:
+    """``names`` joined by ", " into lines of at most ``width`` characters where possible, breaking only between
+    names (a longer name gets a line of its own, whole). Every line but the last ends with a comma."""
+    lines: list[str] = []
+    line = ""
+    for n in names:
+        if line and len(line) + 2 + len(n) > width:
+            lines.append(line + ",")
+            line = n
+        else:
+            line = f"{line}, {n}" if line else n
+    return lines + [line or "-"]
 
 
 def _q(text: str) -> str:

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 from lwcompile.errors import ConfigError
 from lwcompile.ir import Block
 from lwcompile.passes.local_losses import make_target
-from lwcompile.passes.targets import check_loss, tap_layout
+from lwcompile.passes.targets import block_param_alias, check_loss, tap_layout
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ def build_layout(gm: fx.GraphModule, blocks: Sequence[Block], nonblock: Sequence
     if set(block_rank) != {b.name for b in blocks}:
         missing = sorted({b.name for b in blocks} - set(block_rank))
         raise ConfigError(f"the plan does not place block(s) {missing[:5]}; make it with prog.plan(...).")
+    shared = {id(gm.get_parameter(p)) for p in nonblock}
+    for i, b in enumerate(blocks):
+        tied = [p for k, p in enumerate(b.params) if id(gm.get_parameter(block_param_alias(i, k))) in shared]
+        if tied:  # a stage differentiates with respect to the real tensor, block use included
+            raise ConfigError(f"block {b.name!r}: parameter {tied[0]!r} is tied to a use outside the block; "
+                              "partitioned mode cannot separate the two uses' gradients. Use mode='replicated'.")
     fixed = {}
     for b in blocks:
         fixed[b.node] = block_rank[b.name]

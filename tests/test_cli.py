@@ -58,7 +58,7 @@ def test_plan_prints_the_table_and_writes_valid_json_and_dot(factory_file, tmp_p
 
 def test_plan_takes_a_file_path_a_loss_and_device_names_and_draws_a_png(factory_file, tmp_path):
     png = tmp_path / "plan.png"
-    rc = main(["plan", f"{factory_file}:build_with_loss", "--devices", "cpu,cuda:0", "--steps", "3",
+    rc = main(["plan", f"{factory_file}:build_with_loss", "--devices", "cpu,sim:1", "--steps", "3",
                "--device-rate", "1e9", "--png", str(png)])
     assert rc == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -191,6 +191,7 @@ def _fail_at_step_2(rank: int, mode: str, failing: int) -> list:
     trainer = DistributedTrainer(prog, prog.plan(devices=2, mode=mode), timeout=60)
     losses = [trainer.step(*data[0])]
     before = {k: v.clone() for k, v in prog.model.state_dict().items()}
+    x, y = data[1]
     if rank == failing:
         def boom(*args):
             raise ValueError("boom on purpose")
@@ -198,9 +199,9 @@ def _fail_at_step_2(rank: int, mode: str, failing: int) -> list:
         if mode == "replicated":
             prog.compute_targets = boom  # the forward/target graph raises on this rank only
         else:
-            prog.model[0].forward = boom  # the first block (this rank's stage) raises in the forward
+            x = x[:, :-1]  # a batch the first stage (this rank's) cannot multiply: its forward raises
     try:
-        trainer.step(*data[1])
+        trainer.step(x, y)
     finally:
         if rank != failing:  # the failed step left this rank's model as it was
             for k, v in prog.model.state_dict().items():
@@ -249,8 +250,9 @@ def test_a_rank_that_raises_makes_the_other_fail_fast_with_a_clear_error(mode, f
     other = 1 - failing
     seconds, out = got[other]
     assert out[0] == "err" and out[1] == "DistributedError", out
-    assert f"rank {failing} failed" in out[2] and "boom on purpose" in out[2]
-    assert got[failing][1][1] == "ValueError"  # the failing rank sees its own error
+    why = "boom on purpose" if mode == "replicated" else "cannot be multiplied"
+    assert f"rank {failing} failed" in out[2] and why in out[2]
+    assert got[failing][1][1] == ("ValueError" if mode == "replicated" else "RuntimeError")  # its own error
     assert seconds < 30 and time.monotonic() - t0 < 45  # far below the 60 s timeout
 
 

@@ -10,7 +10,7 @@ from lwcompile.passes.local_losses import residual, value
 from lwcompile.passes.transfer import TRANSFERS
 
 KW = {"leaky_relu": {"negative_slope": 0.1}, "elu": {"alpha": 0.7}, "softplus": {"beta": 1.5, "threshold": 20.0},
-      "gelu": {"approximate": "none"}}
+      "gelu": {"approximate": "none"}, "hardtanh": {"min_val": -1.5, "max_val": 0.8}, "celu": {"alpha": 0.7}}
 LOSSES = ["squared_pre", "squared_post", "matching", "dual_bregman"]
 # ReLU-like kinks make finite differences meaningless exactly at 0: sample away from it.
 Z = torch.linspace(-3.1, 2.9, 12, dtype=torch.float64).reshape(3, 4)
@@ -58,6 +58,47 @@ def test_matching_potential_F_is_the_integral_of_f(transfer):
         numeric = torch.trapezoid(t.f(grid, kw), grid)
         exact = t.F(torch.tensor(b), kw) - t.F(torch.tensor(a), kw)
         assert float(exact) == pytest.approx(float(numeric), abs=1e-6, rel=1e-6), (a, b)
+
+
+# where f has a kink (or bends sharply), so that a composite Simpson rule between them is exact to ~1e-12
+KINKS = {"relu": (0.0,), "leaky_relu": (0.0,), "elu": (0.0,), "selu": (0.0,), "celu": (0.0,), "relu6": (0.0, 6.0),
+         "hardtanh": (-1.5, 0.8), "hardsigmoid": (-3.0, 3.0), "hardswish": (-3.0, 3.0), "softsign": (0.0,)}
+
+
+def _simpson(f, a, b, kinks=(), n=4000):
+    """∫ₐᵇ f by composite Simpson on each piece between the kinks inside (a, b) (signed when b < a)."""
+    lo, hi = min(a, b), max(a, b)
+    cuts = [lo] + sorted(k for k in kinks if lo < k < hi) + [hi]
+    total = torch.tensor(0.0)
+    for u, v in zip(cuts, cuts[1:]):
+        x = torch.linspace(u, v, 2 * n + 1)
+        y = f(x)
+        total = total + (v - u) / (6 * n) * (y[0] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum() + y[-1])
+    return total if b >= a else -total
+
+
+@pytest.mark.parametrize("transfer", [t for t in TRANSFERS if t != "softmax"])
+def test_F_of_z_minus_F_of_0_is_simpsons_integral_of_f_from_0(transfer):
+    kw = KW.get(transfer, {})
+    t = TRANSFERS[transfer]
+    F0 = t.F(torch.tensor(0.0), kw)
+    for z in (-8.0, -3.7, -1.2, -0.3, 0.4, 1.1, 2.6, 4.5, 9.0):
+        numeric = _simpson(lambda x: t.f(x, kw), 0.0, z, KINKS.get(transfer, ()))
+        exact = t.F(torch.tensor(z), kw) - F0
+        assert float(exact) == pytest.approx(float(numeric), abs=1e-9, rel=1e-9), z
+
+
+@pytest.mark.parametrize("transfer", list(TRANSFERS))
+def test_vjp_is_autograd_of_f_including_at_the_kinks(transfer):
+    kw = KW.get(transfer, {})
+    t = TRANSFERS[transfer]
+    # the corners themselves too: the closed f′ must take torch's branch there (the SGD identity compares updates)
+    corners = [k + d for k in KINKS.get(transfer, ()) for d in (0.0, -1e-3, 1e-3)]
+    z = torch.cat([Z.reshape(-1), torch.tensor(corners + [0.0, 7.0, -7.0, 25.0, -25.0])]).reshape(1, -1)
+    v = torch.randn_like(z)
+    zr = z.clone().requires_grad_(True)
+    auto, = torch.autograd.grad(t.f(zr, kw), zr, v)
+    torch.testing.assert_close(t.vjp(z, v, kw), auto, rtol=1e-12, atol=1e-14)
 
 
 def test_softmax_potential_is_logsumexp_by_a_line_integral():

@@ -238,8 +238,12 @@ def test_export_dir_manifest(tmp_path):
     assert tr["block"] == "0" and tr["device"] == "cuda:1"
     for f in [x["file"] for x in on_disk["files"]] + tr["files"]:
         assert (out / f).is_file(), f
-    # overwrite in place
-    export_onnx_dir(str(out), [GraphExport("target", gm, inputs, ins, outs)])
+    # every file written is recorded, so a later export can tell its own files from a user's
+    assert set(on_disk["written"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    # a previous export is replaced only when asked (tests/test_export_safety.py checks the refusals)
+    with pytest.raises(ExportError, match="overwrite=True"):
+        export_onnx_dir(str(out), [GraphExport("target", gm, inputs, ins, outs)])
+    export_onnx_dir(str(out), [GraphExport("target", gm, inputs, ins, outs)], overwrite=True)
     assert sorted(os.listdir(out)) == ["manifest.json", "target.onnx"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
