@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lwcompile  # noqa: E402
 from backprop_baselines import DIGITS_SIZES, LR_GRID, full_loss  # noqa: E402
-from lwcompile.data import batches, load_images  # noqa: E402
-from lwcompile.models import (AUTOENCODER_SIZES, backprop_optimizer, bce_sum, deep_autoencoder, outputs_to_logits,  # noqa: E402
-                              sigmoid_xent_sum)
+from lwcompile.experiments.data import batches, load_images  # noqa: E402
+from lwcompile.experiments.models import (AUTOENCODER_SIZES, backprop_optimizer, bce_sum,  # noqa: E402
+                                          deep_autoencoder, outputs_to_logits, sigmoid_xent_sum)
 
 LOCOPROP = {
     "locoprop-m": ("md_post", "matching"),

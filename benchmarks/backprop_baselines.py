@@ -20,8 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from lwcompile.data import batches, load_images
-from lwcompile.models import backprop_optimizer, AUTOENCODER_SIZES, deep_autoencoder, sigmoid_xent_sum
+from lwcompile.experiments.data import batches, load_images
+from lwcompile.experiments.models import (backprop_optimizer, AUTOENCODER_SIZES, deep_autoencoder,
+                                          sigmoid_xent_sum)
 
 # Grids around the usual good values for a loss summed over 784 pixels (gradients ~100x a mean loss,
 # hence the small SGD rates).

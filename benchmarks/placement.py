@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import lwcompile
-from lwcompile.models import AUTOENCODER_SIZES, deep_autoencoder, mlp, sigmoid_xent_sum
+from lwcompile.experiments.models import AUTOENCODER_SIZES, deep_autoencoder, mlp, sigmoid_xent_sum
 from lwcompile.runtime.costs import measure_device_rate
 
 MLP_SIZES = (784, 512, 512, 512, 512, 512, 512, 512, 512, 10)

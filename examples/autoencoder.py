@@ -28,9 +28,9 @@ from typing import Any, Sequence
 import torch
 
 import lwcompile
-from lwcompile.data import batches, load_images
-from lwcompile.models import (backprop_optimizer, AUTOENCODER_SIZES, bce_sum, deep_autoencoder, outputs_to_logits, reference_lr_factor,
-                              sigmoid_xent_sum)
+from lwcompile.experiments.data import batches, load_images
+from lwcompile.experiments.models import (backprop_optimizer, AUTOENCODER_SIZES, bce_sum, deep_autoencoder,
+                                          outputs_to_logits, reference_lr_factor, sigmoid_xent_sum)
 
 DIGITS_SIZES = (64, 32, 16, 8, 16, 32, 64)  # the same shape of net, scaled to 8x8 inputs
 
@@ -44,11 +44,6 @@ LOCOPROP = {
 BACKPROP = {"backprop-adam": "adam", "backprop-sgd": "sgd", "backprop-rmsprop": "rmsprop"}
 METHODS = tuple(LOCOPROP) + tuple(BACKPROP)
 BACKPROP_DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-4, "rmsprop": 1e-4}
-# The smallest inner lr used where the schedule says 0 (Program.inner_lr must be > 0): with it the weights
-# do not move in float32 while the RMSProp mean-square slots still warm up, as in the official code's epoch 0.
-LR_FLOOR_FACTOR = 1e-12
-
-
 
 
 @torch.no_grad()
@@ -88,7 +83,9 @@ class Trainer:
         self.logits_model = outputs_to_logits(self.model)
 
     def set_lr_factor(self, factor: float) -> float:
-        lr = self.base_lr * max(factor, LR_FLOOR_FACTOR)
+        # The schedule's epoch 0 runs at lr 0 (Program.inner_lr = 0 is allowed): the weights stay put while the
+        # RMSProp mean-square slots warm up, as in the official code.
+        lr = self.base_lr * factor
         if self.program is not None:
             self.program.inner_lr = lr
         else:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lwcompile
-from lwcompile.data import load_digits_images, load_digits_labels
-from lwcompile.models import small_cnn
+from lwcompile.experiments.data import load_digits_images, load_digits_labels
+from lwcompile.experiments.models import small_cnn
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lwcompile
-from lwcompile.data import load_digits_images, load_digits_labels
+from lwcompile.experiments.data import load_digits_images, load_digits_labels
 from lwcompile.runtime.distributed import DistributedTrainer, init_from_env
 
 

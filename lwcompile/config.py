@@ -118,10 +118,6 @@ class Config:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
-    @property
-    def is_method_pair(self) -> bool:
-        return PAIRS[self.target] == self.local_loss
-
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:

@@ -1,6 +1,8 @@
 """Exceptions a user can meet. Each names the module/node at fault and says what to do."""
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 
 class LwcompileError(Exception):
     """Base class of every error lwcompile raises on purpose."""
@@ -32,3 +34,15 @@ class ExportError(LwcompileError):
 
 class DistributedError(LwcompileError, RuntimeError):
     """A rank failed, hung or lost its connection during distributed training; names the rank and the phase."""
+
+
+def first_line(e: BaseException) -> str:
+    """``"TypeName: first line of the message"``, for errors that quote an underlying one."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
+def describe_values(values: Sequence[Any]) -> str:
+    """``"(8, 4) float32, (8,) int64"``: what a batch looked like, for messages about inputs and labels."""
+    return ", ".join(f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if hasattr(v, "shape") and hasattr(v, "dtype")
+                     else type(v).__name__ for v in values) or "none"

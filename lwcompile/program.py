@@ -1,7 +1,11 @@
-"""The compiled program: graphs, blocks, per-block optimizer state, and ``step``."""
+"""The compiled program: the records the pipeline produced, the per-block optimizer state, and ``step``.
+
+A Program is the compiled artifact, not the compiler: :mod:`lwcompile.pipeline` builds its records, the passes
+emit its graphs, and the runtimes (local threads, torch.distributed, onnxruntime) drive it through the public
+methods below (``compute_targets``, ``inner_jobs``, ``commit``, ``check_guards``, ``outer_state``).
+"""
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -11,25 +15,19 @@ import torch.fx as fx
 from torch import nn
 
 from lwcompile.config import Config
-from lwcompile.errors import ConfigError, ExportError, LwcompileError, NonFiniteError, PartitionError, TraceError
+from lwcompile.errors import ConfigError, LwcompileError, NonFiniteError, describe_values, first_line
 from lwcompile.guards import differences, layout_changes, snapshot
 from lwcompile.ir import Block, TraceResult
-from lwcompile.passes.checks import ensures_partition, ensures_tap
-from lwcompile.passes.inner import build_inner_graph, inner_example, inner_io_names
+from lwcompile.outer import OuterOptimizer
+from lwcompile.passes.inner import build_inner_graph, inner_example, inner_signature
 from lwcompile.passes.optimizers import make_optimizer
-from lwcompile.passes.partition import Partition, partition
-from lwcompile.passes.targets import TargetSignature, build_target_graph, make_target_fn, tap
+from lwcompile.passes.partition import Partition
+from lwcompile.passes.signatures import InnerSignature, TargetSignature
 from lwcompile.passes.state import preserved_state
-from lwcompile.passes.trace import EXPORT, trace
-from lwcompile.runtime.local import check_runnable, run_jobs
-
-_OUTER = {
-    "sgd": lambda ps, lr, kw: torch.optim.SGD(ps, lr=lr, **kw),
-    "momentum": lambda ps, lr, kw: torch.optim.SGD(ps, lr=lr, **({"momentum": 0.9} | kw)),
-    "adam": lambda ps, lr, kw: torch.optim.Adam(ps, lr=lr, **kw),
-    "adamw": lambda ps, lr, kw: torch.optim.AdamW(ps, lr=lr, **kw),
-    "rmsprop": lambda ps, lr, kw: torch.optim.RMSprop(ps, lr=lr, **kw),
-}
+from lwcompile.passes.targets import build_target_graph, make_target_fn
+from lwcompile.pipeline import compile_model
+from lwcompile import rollback
+from lwcompile.runtime.local import Runner, check_runnable, run_jobs
 
 
 def _as_tuple(v: Any) -> tuple:
@@ -38,27 +36,6 @@ def _as_tuple(v: Any) -> tuple:
 
 def _block_layout(blocks: Sequence[Block]) -> tuple:
     return tuple((b.name, b.op, b.weight_shape, b.bias_shape, b.params) for b in blocks)
-
-
-def _refuse_unsupported_modules(model: nn.Module, cause: BaseException | None = None) -> None:
-    """Modules whose training-mode semantics the graphs cannot reproduce exactly: refused by name."""
-    for name, m in model.named_modules():
-        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.momentum is None
-                and m.track_running_stats):
-            raise PartitionError(
-                f"module {name!r} ({type(m).__name__}) uses momentum=None (a cumulative average whose factor "
-                "1/num_batches_tracked is data-dependent): supported with the torch.fx front end only, and this "
-                "model needs torch.export; give it a momentum (e.g. 0.1), or put it in eval() mode.") from cause
-
-
-def _describe(values: Sequence[Any]) -> str:
-    return ", ".join(f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor)
-                     else type(v).__name__ for v in values) or "none"
-
-
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"
 
 
 def _key(tensors: Sequence[torch.Tensor]) -> tuple:
@@ -98,74 +75,57 @@ class Program:
 
     # ------------------------------------------------------------------ compile
     def _compile(self) -> None:
-        """Trace → partition → tap, committed only when every pass succeeded."""
-        guards = snapshot(self.model, self.loss_fn)
-        try:
-            trace_result = trace(self.model, self.example_inputs, self.config.frontend)
-        except TraceError as e:
-            _refuse_unsupported_modules(self.model, e)  # the clearer reason, when it is one
-            raise
-        if trace_result.frontend == EXPORT:  # tap rewrites only call_module BatchNorms (torch.fx front end)
-            _refuse_unsupported_modules(self.model)
-        part = partition(trace_result.graph_module, self.example_inputs, self.config.skip)
-        ensures_partition(trace_result.graph_module, part)
-        tapped = tap(trace_result.graph_module, part.blocks)
-        ensures_tap(tapped, part.blocks)
-        old = getattr(self, "partition", None)
-        if old is not None and _block_layout(old.blocks) != _block_layout(part.blocks):
+        """Run the pipeline; commit its records only if the blocks are the ones the optimizer state fits."""
+        c = compile_model(self.model, self.loss_fn, self.example_inputs, self.config)
+        old = getattr(self, "_compiled", None)
+        if old is not None and _block_layout(old.partition.blocks) != _block_layout(c.partition.blocks):
             raise LwcompileError(
                 "the model changed since lwcompile.transform so that its blocks differ (" +
-                "; ".join(differences(self._guards, guards)) + "); call lwcompile.transform again.")
-        self._guards, self.trace_result, self.partition, self.tapped = guards, trace_result, part, tapped
-        gm = trace_result.graph_module
-        self._param_names = tuple(n for n, _ in gm.named_parameters())
-        self._buffer_names = tuple(n for n, _ in gm.named_buffers())
+                "; ".join(differences(old.guards, c.guards)) + "); call lwcompile.transform again.")
+        self._compiled = c
         self._target_cache.clear()
         self._last_target = None
 
-    def _check_guards(self) -> None:
-        """Re-trace when something the graphs froze changed (mode, attributes, parameters); see
-        :mod:`lwcompile.guards`. Refuses changes that no re-trace absorbs."""
+    def check_guards(self) -> bool:
+        """Re-trace when something the graphs froze changed (mode, attributes, parameters; see
+        :mod:`lwcompile.guards`); True when it did. Refuses changes that no re-trace absorbs."""
         now = snapshot(self.model, self.loss_fn)
-        changed = differences(self._guards, now)
-        if not changed:
-            return
-        moved = layout_changes(self._guards, now)
+        if not differences(self._compiled.guards, now):
+            return False
+        moved = layout_changes(self._compiled.guards, now)
         if moved:
             raise LwcompileError("parameters or buffers changed shape, dtype or device since lwcompile.transform ("
                                  + "; ".join(moved) + "); call lwcompile.transform again on the converted model.")
         self._compile()
-        self._rebuild_outer()
+        previous, self._outer = self._outer, self._make_outer()
+        if self._outer is not None:
+            self._outer.adopt(previous)
+        return True
 
-    _recompile_if_mode_changed = _check_guards  # the distributed runtime's name for it
-
-    def _make_outer(self) -> torch.optim.Optimizer | None:
-        self._outer_names = tuple(self.nonblock)
-        params = [self._param(n) for n in self.nonblock]
-        if not params or self.config.outer_optimizer == "none":
-            return None
-        try:
-            return _OUTER[self.config.outer_optimizer](params, self.config.outer_lr, dict(self.config.outer_options))
-        except TypeError as e:
-            raise ConfigError(f"Config.outer_options={dict(self.config.outer_options)!r} rejected by "
-                              f"{self.config.outer_optimizer!r}: {e}") from e
-
-    def _rebuild_outer(self) -> None:
-        """A new outer optimizer over the current non-block tensors, keeping the state of those it already had
-        (by parameter name: a replaced tensor keeps its predecessor's state)."""
-        old, old_names = self._outer, getattr(self, "_outer_names", ())
-        self._outer = self._make_outer()
-        if old is None or self._outer is None:
-            return
-        by_name = {n: old.state[p] for n, p in zip(old_names, old.param_groups[0]["params"]) if p in old.state}
-        for n, p in zip(self.nonblock, self._outer.param_groups[0]["params"]):
-            if n in by_name:
-                self._outer.state[p] = by_name[n]
+    def _make_outer(self) -> OuterOptimizer | None:
+        c = self.config
+        return OuterOptimizer.build(c.outer_optimizer, {n: self._param(n) for n in self.nonblock}, c.outer_lr,
+                                    dict(c.outer_options))
 
     def _param(self, name: str) -> torch.Tensor:
         return self.trace_result.graph_module.get_parameter(name)
 
     # ------------------------------------------------------------------ public records
+    @property
+    def trace_result(self) -> TraceResult:
+        """The trace pass's record: the traced GraphModule (sharing the model's tensors) and its front end."""
+        return self._compiled.trace
+
+    @property
+    def partition(self) -> Partition:
+        """The partition pass's record: blocks, non-block parameters, block edges, notes."""
+        return self._compiled.partition
+
+    @property
+    def tapped(self) -> fx.GraphModule:
+        """The traced model, also returning every block's input, pre-activation and output."""
+        return self._compiled.tapped
+
     @property
     def blocks(self) -> tuple[Block, ...]:
         return self.partition.blocks
@@ -204,7 +164,8 @@ class Program:
 
     # ------------------------------------------------------------------ graphs
     def _signature(self, n_inputs: int, n_labels: int) -> TargetSignature:
-        return TargetSignature(self._param_names, self._buffer_names, n_inputs, n_labels,
+        c = self._compiled
+        return TargetSignature(c.param_names, c.buffer_names, n_inputs, n_labels,
                                tuple(b.name for b in self.blocks), self.nonblock)
 
     def _target_for(self, inputs: tuple, labels: tuple) -> tuple[fx.GraphModule, TargetSignature]:
@@ -213,17 +174,17 @@ class Program:
             sig = self._signature(len(inputs), len(labels))
             fn = make_target_fn(self.tapped, self.blocks, self.loss_fn, sig, self.config.target,
                                 self.config.gamma, self.trace_result.out_spec,
-                                param_tensors=[self._param(n) for n in self._param_names])
-            flat = self._flat_args(inputs, labels)
+                                param_tensors=[self._param(n) for n in self._compiled.param_names])
+            flat = self._flat_args(sig, inputs, labels)
             recurrent = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
             self._target_cache[key] = (build_target_graph(fn, flat, recurrent=recurrent), sig)
         self._last_target = self._target_cache[key]
         return self._last_target
 
-    def _flat_args(self, inputs: tuple, labels: tuple) -> list[torch.Tensor]:
+    def _flat_args(self, sig: TargetSignature, inputs: tuple, labels: tuple) -> list[torch.Tensor]:
         gm = self.trace_result.graph_module
-        return ([gm.get_parameter(n) for n in self._param_names] + [gm.get_buffer(n) for n in self._buffer_names]
-                + list(inputs) + list(labels))
+        return sig.pack({n: gm.get_parameter(n) for n in sig.params}, {n: gm.get_buffer(n) for n in sig.buffers},
+                        inputs, labels)
 
     @property
     def target_graph(self) -> fx.GraphModule:
@@ -262,8 +223,13 @@ class Program:
         """Block name -> inner-update GraphModule: (weights, x, target, lr, optimizer state) -> (new weights, state)."""
         return {b.name: self.inner_graph(b.name) for b in self.blocks}
 
+    def inner_signature(self, name: str) -> InnerSignature:
+        """Block ``name``'s inner graph signature (inputs and outputs by name)."""
+        return inner_signature(self._block(name), self.config)
+
     def inner_io_names(self, name: str) -> tuple[list[str], list[str]]:
-        return inner_io_names(self._block(name), self.config)
+        sig = self.inner_signature(name)
+        return sig.input_names, sig.output_names
 
     def _block(self, name: str) -> Block:
         for b in self.blocks:
@@ -275,28 +241,23 @@ class Program:
     def compute_targets(self, x: Any, y: Any) -> dict[str, Any]:
         """Run the forward/target graph only: loss, and per block its input and target (nothing updated
         except BatchNorm-style running statistics)."""
-        self._check_guards()
+        self.check_guards()
         inputs, labels = _as_tuple(x), _as_tuple(y)
         self._check_inputs(inputs)
         tg, sig = self._target_for(inputs, labels)
         with torch.no_grad():
             try:
-                outs = tg(*self._flat_args(inputs, labels))
+                outs = tg(*self._flat_args(sig, inputs, labels))
             except (LwcompileError, torch.OutOfMemoryError):
                 raise
             except RuntimeError as e:  # a real kernel refused what its fake (tracing) kernel let through
                 raise LwcompileError(
-                    f"the forward/target graph failed on this batch (inputs: {_describe(inputs)}; labels: "
-                    f"{_describe(labels)}): {_first_line(e)}. Check the labels' dtype and shape against what the "
+                    f"the forward/target graph failed on this batch (inputs: {describe_values(inputs)}; labels: "
+                    f"{describe_values(labels)}): {first_line(e)}. Check the labels' dtype and shape against what the "
                     "loss function expects (e.g. F.cross_entropy takes int64 class indices), and that the batch "
                     "is on the model's device.") from e
-        m = len(self.blocks)
-        return {
-            "loss": outs[0],
-            "inputs": dict(zip(sig.blocks, outs[1:1 + m])),
-            "targets": dict(zip(sig.blocks, outs[1 + m:1 + 2 * m])),
-            "grads": dict(zip(sig.nonblock, outs[1 + 2 * m:])),
-        }
+        res = sig.unpack(outs)
+        return {"loss": res.loss, "inputs": dict(res.inputs), "targets": dict(res.targets), "grads": dict(res.grads)}
 
     def inner_jobs(self, inputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
                    names: Sequence[str] | None = None) -> dict:
@@ -307,22 +268,26 @@ class Program:
                 continue
             x = inputs[b.name].contiguous()  # the inner graphs are traced for contiguous inputs
             lr = torch.tensor(self._inner_lr, dtype=x.dtype, device=x.device)
-            args = [self._param(p).detach() for p in b.params] + [x, targets[b.name].contiguous(), lr, *self._inner_state[b.name]]
+            args = self.inner_signature(b.name).pack([self._param(p).detach() for p in b.params], x,
+                                                     targets[b.name].contiguous(), lr, self._inner_state[b.name])
             jobs[b.name] = (self.inner_graph(b.name, x.shape[0], x.dtype), args)
         return jobs
 
-    def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None) -> float:
+    def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None,
+             runner: Runner | None = None) -> float:
         """One training step on inputs ``x`` and labels ``y``; updates the model in place; returns the loss.
 
         The step is atomic: if anything fails (a non-finite loss, target, gradient or new value raises
         :class:`NonFiniteError`), parameters, buffers, inner and outer optimizer state and ``step_count`` are
         exactly as before. ``assignment`` (device -> block names, e.g. ``prog.plan(...).assignment``) runs
-        blocks across devices.
+        blocks across devices; a ``runner`` (e.g. the distributed runtime's) runs the inner loops itself.
         """
         t0 = time.perf_counter()
-        if isinstance(assignment, Mapping):
+        if assignment is not None and runner is not None:
+            raise ConfigError("step() takes an assignment or a runner, not both.")
+        if assignment is not None:
             check_runnable(assignment)  # a missing CUDA device is refused before anything runs
-        undo = self._snapshot_state()
+        undo = rollback.snapshot(self.trace_result.graph_module, self._inner_state, self._outer, self.step_count)
         try:
             res = self.compute_targets(x, y)
             self._check_finite("the task loss", res["loss"])
@@ -331,67 +296,44 @@ class Program:
             for name, g in res["grads"].items():
                 self._check_finite(f"the gradient of non-block parameter {name!r}", g)
             t1 = time.perf_counter()
-            outs = run_jobs(self.inner_jobs(res["inputs"], res["targets"]), assignment)
+            jobs = self.inner_jobs(res["inputs"], res["targets"])
+            outs = runner.run_jobs(jobs) if runner is not None else run_jobs(jobs, assignment)
             t2 = time.perf_counter()
-            for b in self.blocks:
-                for p, new in zip(b.params, outs[b.name]):
-                    self._check_finite(f"the new value of {p!r} (block {b.name!r})", new)
-            self._commit(outs, res["grads"])
+            self.commit(outs, res["grads"])
         except BaseException:
-            self._restore_state(undo)
+            self._inner_state, self._outer, self.step_count = rollback.restore(self.trace_result.graph_module, undo)
             raise
         t3 = time.perf_counter()
         self.last_timings = {"target": t1 - t0, "inner": t2 - t1, "update": t3 - t2, "total": t3 - t0}
         self.step_count += 1
         return float(res["loss"])
 
-    def _commit(self, outs: Mapping[str, tuple], grads: Mapping[str, torch.Tensor]) -> None:
-        """Write new block weights and inner state, then step the non-block parameters (after the block
-        weights, so a tied weight gets its block's update plus its other uses' step)."""
+    def commit(self, outs: Mapping[str, Sequence[torch.Tensor]], grads: Mapping[str, torch.Tensor]) -> None:
+        """Apply a step's results: each block in ``outs`` (block name -> its inner graph's outputs) gets its new
+        weights and inner state, then the outer optimizer steps the non-block parameters named in ``grads`` (after
+        the block weights, so a tied weight gets its block's update plus its other uses' step). Checks that every
+        new value is finite first; not atomic by itself (``step`` is)."""
+        new = {name: self.inner_signature(name).unpack(o) for name, o in outs.items()}
+        for b in self.blocks:
+            for p, v in zip(b.params, new[b.name][0] if b.name in new else ()):
+                self._check_finite(f"the new value of {p!r} (block {b.name!r})", v)
         with torch.no_grad():
             for b in self.blocks:
-                k = len(b.params)
-                for p, new in zip(b.params, outs[b.name][:k]):
+                if b.name not in new:
+                    continue
+                values, state = new[b.name]
+                for p, v in zip(b.params, values):
                     if p not in b.frozen:
-                        self._param(p).copy_(new)
-                self._inner_state[b.name] = tuple(outs[b.name][k:])
-        if self._outer is not None:
-            for name, g in grads.items():
-                self._param(name).grad = g
-            try:
-                self._outer.step()
-            finally:
-                self._outer.zero_grad(set_to_none=True)
+                        self._param(p).copy_(v)
+                self._inner_state[b.name] = tuple(state)
+        if self._outer is not None and grads:
+            self._outer.step(grads)
             for name in grads:
                 self._check_finite(f"the new value of non-block parameter {name!r}", self._param(name))
 
-    def _snapshot_state(self) -> dict[str, Any]:
-        """Everything a step may change, to put back if it fails."""
-        gm = self.trace_result.graph_module
-        return {
-            "params": {n: p.detach().clone() for n, p in gm.named_parameters()},
-            "buffers": {n: b.detach().clone() for n, b in gm.named_buffers()},
-            "inner": dict(self._inner_state),
-            "outer": copy.deepcopy(self._outer.state_dict()) if self._outer is not None else None,
-            "outer_obj": self._outer,
-            "step_count": self.step_count,
-        }
-
-    def _restore_state(self, undo: Mapping[str, Any]) -> None:
-        gm = self.trace_result.graph_module
-        with torch.no_grad():
-            for n, p in gm.named_parameters():
-                if n in undo["params"]:
-                    p.copy_(undo["params"][n])
-            for n, b in gm.named_buffers():
-                if n in undo["buffers"]:
-                    b.copy_(undo["buffers"][n])
-        self._inner_state = dict(undo["inner"])
-        self._outer = undo["outer_obj"]
-        if self._outer is not None:
-            self._outer.load_state_dict(undo["outer"])
-            self._outer.zero_grad(set_to_none=True)
-        self.step_count = undo["step_count"]
+    def outer_state(self) -> dict[str, dict[str, Any]]:
+        """The outer optimizer's slots by non-block parameter name (empty without an outer optimizer)."""
+        return self._outer.state_by_name() if self._outer is not None else {}
 
     def _check_inputs(self, inputs: tuple) -> None:
         for i, (got, ex) in enumerate(zip(inputs, self.example_inputs)):
@@ -436,44 +378,15 @@ class Program:
                          profile=profile, device_rate=device_rate, optimizer_slots=slots)
 
     def export_onnx(self, out_dir: str, **kwargs: Any):
-        """Write every graph to ONNX in ``out_dir`` with a manifest (see :mod:`lwcompile.passes.onnx_export`)."""
-        from lwcompile.passes.onnx_export import export_program
+        """Write every graph to ONNX in ``out_dir`` with a manifest (see :mod:`lwcompile.export`)."""
+        from lwcompile.export import export_program, refuse_unexportable
 
-        self._refuse_unexportable(training=kwargs.get("training", True))
+        refuse_unexportable(self, training=kwargs.get("training", True))
         return export_program(self, out_dir, **kwargs)
 
-    def _refuse_unexportable(self, training: bool) -> None:
-        """Patterns the torch runtime compiles exactly but the exported files would not reproduce."""
-        nonblock = {id(self._param(n)) for n in self.nonblock}
-        for b in self.blocks:
-            tied = [p for p in b.params if p not in self._param_names or id(self._param(p)) in nonblock]
-            if tied:
-                raise ExportError(f"block {b.name!r}: parameter {tied[0]!r} is tied to another use (shared weights); "
-                                  "the ONNX files store and update each parameter name separately, so they cannot "
-                                  "express it. Train it with prog.step, or untie the weights to export.")
-            if b.frozen and training:
-                raise ExportError(f"block {b.name!r}: parameter {b.frozen[0]!r} has requires_grad=False, which the "
-                                  "onnxruntime-training artifacts would train; export with training=False (the "
-                                  "inner-update graphs keep it fixed).")
-
-    # ------------------------------------------------------------------ printing
     def __str__(self) -> str:
-        c = self.config
-        head = (f"lwcompile.Program({type(self.model).__name__}, front end: {self.frontend})\n"
-                f"  target={c.target} local_loss={c.local_loss} gamma={c.gamma} T={c.steps} "
-                f"inner={c.inner_optimizer}(lr={self._inner_lr:g}) prox={c.prox} outer={c.outer_optimizer}(lr={c.outer_lr:g})\n")
-        rows = [("block", "op", "transfer", "weight shape", "bias", "FLOPs/example")]
-        for b in self.blocks:
-            tf = b.transfer + ("(" + ", ".join(f"{k}={v}" for k, v in b.transfer_kwargs) + ")" if b.transfer_kwargs else "")
-            rows.append((b.name, b.op, tf, "x".join(map(str, b.weight_shape)), "yes" if b.bias else "no",
-                         f"{b.flops_per_example:,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  " + "  ".join(v.ljust(w) if i < 5 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-                 for r in rows]
-        lines.insert(1, "  " + "  ".join("-" * w for w in widths))
-        n_nb = sum(self._param(n).numel() for n in self.nonblock)
-        tail = f"\n  {len(self.blocks)} blocks; {len(self.nonblock)} non-block parameter tensors ({n_nb:,} values) -> outer optimizer"
-        notes = "".join(f"\n  note: {w}" for w in self.warnings)
-        return head + "\n".join(lines) + tail + notes
+        from lwcompile.printing import describe
+
+        return describe(self)
 
     __repr__ = __str__

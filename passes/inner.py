@@ -29,6 +29,7 @@ from lwcompile.ir import Block
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.local_losses import residual
 from lwcompile.passes.optimizers import make_optimizer
+from lwcompile.passes.signatures import InnerSignature
 
 
 def inner_lr_factor(k: int, steps: int, decay: bool) -> float:
@@ -87,10 +88,14 @@ def build_inner_graph(block: Block, config: Config, example: tuple[torch.Tensor,
     return gm
 
 
+def inner_signature(block: Block, config: Config) -> InnerSignature:
+    """The inner graph's signature: its inputs and outputs by name."""
+    opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
+    params = ("weight", "bias") if block.bias is not None else ("weight",)
+    return InnerSignature(params, len(opt.init(tuple(torch.zeros(1) for _ in params))))
+
+
 def inner_io_names(block: Block, config: Config) -> tuple[list[str], list[str]]:
     """Input and output names of the inner graph, in order."""
-    opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
-    params = ["weight"] + (["bias"] if block.bias is not None else [])
-    n_state = len(opt.init(tuple(torch.zeros(1) for _ in params)))
-    state = [f"state{i}" for i in range(n_state)]
-    return params + ["x", "target", "lr"] + state, [f"new_{p}" for p in params] + [f"new_{s}" for s in state]
+    sig = inner_signature(block, config)
+    return sig.input_names, sig.output_names

@@ -157,7 +157,3 @@ LINEAR_OPS: dict[str, LinearOp] = {
 for _nd in (1, 2, 3):
     LINEAR_OPS[f"conv{_nd}d"] = LinearOp(_conv_apply(_nd), _conv_grad(_nd), _conv_macs)
     LINEAR_OPS[f"conv_transpose{_nd}d"] = LinearOp(_conv_t_apply(_nd), _conv_t_grad(_nd), _conv_t_macs)
-
-
-def conv_nd(op: str) -> int:
-    return int(op[-2])

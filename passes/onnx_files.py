@@ -37,7 +37,7 @@ __all__ = ["FORMAT", "MARKER", "MANIFEST", "GraphExport", "TrainingExport", "des
            "check_out_dir", "staged_dir"]
 
 MARKER = "lwcompile-onnx"  # manifest["format"] of every lwcompile export starts with it
-FORMAT = MARKER + "/2"
+FORMAT = MARKER + "/3"  # /3: the manifest's inner section lists lr_factors
 MANIFEST = "manifest.json"
 STAGE_PREFIX = ".lwcompile-stage-"
 BACKUP_PREFIX = ".lwcompile-old-"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -28,33 +27,12 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
-from lwcompile.errors import LossError, TraceError
+from lwcompile.errors import LossError, TraceError, describe_values, first_line
 from lwcompile.ir import Block
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.local_losses import make_target
+from lwcompile.passes.signatures import TargetSignature
 from lwcompile.passes.transfer import apply_transfer
-
-
-@dataclass(frozen=True)
-class TargetSignature:
-    """Names of the target graph's flat inputs and outputs, in order."""
-
-    params: tuple[str, ...]
-    buffers: tuple[str, ...]
-    n_inputs: int
-    n_labels: int
-    blocks: tuple[str, ...]
-    nonblock: tuple[str, ...]
-
-    @property
-    def input_names(self) -> list[str]:
-        return ([f"param:{p}" for p in self.params] + [f"buffer:{b}" for b in self.buffers]
-                + [f"input:{i}" for i in range(self.n_inputs)] + [f"label:{i}" for i in range(self.n_labels)])
-
-    @property
-    def output_names(self) -> list[str]:
-        return (["loss"] + [f"block_input:{b}" for b in self.blocks] + [f"target:{b}" for b in self.blocks]
-                + [f"grad:{p}" for p in self.nonblock])
 
 
 _ALIAS = "_lw_block"
@@ -143,6 +121,14 @@ def cumulative_batch_norm(x, weight, bias, running_mean, running_var, num_batche
         running_mean.mul_(1 - factor).add_(factor * xd.mean(dims))
         running_var.mul_(1 - factor).add_(factor * xd.var(dims, correction=1))
     return out
+
+
+def _block_input(linear: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """A block's input when its record does not name it (hand-built Blocks): the op's first argument."""
+    x = linear.args[0] if linear.args else linear.kwargs.get("input")
+    if not isinstance(x, fx.Node):
+        raise TraceError(f"block node {linear.name!r}: its input is not a graph value")
+    return x
 
 
 def _is_weight_glue(n: fx.Node) -> bool:
@@ -242,12 +228,9 @@ def call_loss(loss_fn: Callable, output: Any, labels: Sequence[Any]) -> torch.Te
     except LossError:
         raise
     except Exception as e:
-        def desc(v: Any) -> str:
-            return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor) else type(v).__name__
-        outs = ", ".join(desc(v) for v in pytree.tree_leaves(output))
-        labs = ", ".join(desc(v) for v in labels) or "none"
+        outs, labs = describe_values(pytree.tree_leaves(output)), describe_values(labels)
         raise LossError(f"the loss function failed on the model output ({outs}) and the labels ({labs}): "
-                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. Check "
+                        f"{first_line(e)}. Check "
                         "the labels' dtype and shape (e.g. F.cross_entropy takes int64 class indices, or float "
                         "class probabilities shaped like the output).") from e
     check_loss(loss)

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lwcompile.errors import TraceError
+from lwcompile.errors import TraceError, first_line
 from lwcompile.ir import TraceResult
 from lwcompile.passes import registry
 from lwcompile.passes.functionalize import functionalize_inplace
@@ -133,11 +133,6 @@ def _reproduces(res: TraceResult, model: nn.Module, example_inputs: tuple) -> bo
     return _same(ref, got)
 
 
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"
-
-
 def trace(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> TraceResult:
     """Capture ``model`` called on ``example_inputs``; ``frontend`` is "auto", "fx" or "export".
 
@@ -156,7 +151,7 @@ def trace(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> Tr
             errors.append(f"{SYMBOLIC}: the traced graph does not reproduce {type(model).__name__}'s output "
                           "(Python control flow was frozen during tracing)")
         except Exception as e:  # any failure (or refusal) of the symbolic graph sends us to torch.export
-            errors.append(f"{SYMBOLIC}: {_first_line(e)}")
+            errors.append(f"{SYMBOLIC}: {first_line(e)}")
     if frontend in ("auto", "export"):
         try:
             with contextlib.redirect_stderr(io.StringIO()):
@@ -169,7 +164,7 @@ def trace(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> Tr
         except TraceError:
             raise
         except Exception as e:
-            errors.append(f"{EXPORT}: {_first_line(e)}")
+            errors.append(f"{EXPORT}: {first_line(e)}")
     raise TraceError(
         f"could not trace {type(model).__name__}:\n  " + "\n  ".join(errors) +
         "\nMake the forward traceable (avoid Python control flow on tensor values), or wrap the untraceable "

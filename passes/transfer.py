@@ -257,11 +257,6 @@ TRANSFERS: dict[str, Transfer] = {
 }
 
 
-def F_sum(name: str, z: torch.Tensor, kw: Kw) -> torch.Tensor:
-    """Σ F(z) over every element (softmax: over every row), the matching loss's potential."""
-    return TRANSFERS[name].F(z, kw).sum()
-
-
 def apply_transfer(z: torch.Tensor, name: str, kwargs: tuple = ()) -> torch.Tensor:
     """f(z), out of place: the tap pass puts this in place of a block's transfer node."""
     return TRANSFERS[name].f(z, dict(kwargs))

@@ -150,7 +150,7 @@ class DistributedTrainer:
         runner = _ReplicatedRunner(self, _checksum(x, y))
         self.comm.phase = "forward/target graph"
         try:
-            loss = self.prog.step(x, y, assignment=runner)
+            loss = self.prog.step(x, y, runner=runner)
         except Exception as e:
             if not runner.agreed and not isinstance(e, DistributedError):
                 self.comm.phase = "agreement"
@@ -249,31 +249,14 @@ class DistributedTrainer:
         return value
 
     def _commit(self, outs: Mapping[str, tuple], grads: Mapping[str, torch.Tensor]) -> None:
-        """Write this rank's new block weights and inner state, and step its non-block parameters.
-
-        Uses the program's inner-state table and outer optimizer directly: the optimizer skips parameters whose
-        gradient is None, so only this rank's own non-block parameters move."""
-        prog = self.prog
-        gm = prog.trace_result.graph_module
-        with torch.no_grad():
-            for b in prog.blocks:
-                if b.name not in outs:
-                    continue
-                k = len(b.params)
-                for p, new in zip(b.params, outs[b.name][:k]):
-                    gm.get_parameter(p).copy_(new)
-                prog._inner_state[b.name] = tuple(outs[b.name][k:])
-        outer = prog._outer
-        if outer is not None and grads:
-            for name, g in grads.items():
-                gm.get_parameter(name).grad = g
-            outer.step()
-            outer.zero_grad(set_to_none=True)
+        """Write this rank's new block weights and inner state, and step its non-block parameters (the outer
+        optimizer skips parameters without a gradient, so only this rank's own move)."""
+        self.prog.commit(outs, grads)
 
     # -------------------------------------------------------------------------------------------------- helpers
     def _refresh_layout(self):
         """(Re)build the stage layout when the program's tapped graph changed (e.g. after model.eval())."""
-        self.prog._recompile_if_mode_changed()
+        self.prog.check_guards()
         tapped = self.prog.tapped
         if tapped is not self._tapped:
             ranks = {b: r for r, bs in self.blocks_of.items() for b in bs}

@@ -6,8 +6,8 @@ produced the inputs). With no assignment everything runs in order on the tensors
 beyond the inner loops' arithmetic. Devices named "sim:N" (and "cpu") run on the tensors' own device: threads
 that share the CPU, which is how a plan for N simulated devices is executed and measured.
 
-``assignment`` may also be a *runner*: any object with ``run_jobs(jobs) -> results`` (the distributed runtime
-passes one through ``Program.step`` to run only its own blocks and exchange the results).
+A :class:`Runner` is the other way to run a step's jobs: any object with ``run_jobs(jobs) -> results``, passed as
+``Program.step(..., runner=...)`` (the distributed runtime runs only its own blocks and exchanges the results).
 
 Example:
     >>> import torch
@@ -37,14 +37,14 @@ class Runner(Protocol):
     def run_jobs(self, jobs: Mapping[str, Job]) -> dict[str, tuple]: ...
 
 
-def run_jobs(jobs: Mapping[str, Job], assignment: Mapping[str, Sequence[str]] | Runner | None = None
-             ) -> dict[str, tuple]:
-    """Run every job; ``assignment`` maps a device name to the job names it runs, in order (or is a :class:`Runner`).
+def run_jobs(jobs: Mapping[str, Job], assignment: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple]:
+    """Run every job; ``assignment`` maps a device name to the job names it runs, in order.
 
     Every job must be assigned exactly once. Results come back on each job's own device (that of its first argument).
     """
-    if isinstance(assignment, Runner):
-        return assignment.run_jobs(jobs)
+    if assignment is not None and not isinstance(assignment, Mapping):
+        raise ConfigError(f"assignment must map device names to block names, got {type(assignment).__name__}; "
+                          "pass a runner as Program.step(..., runner=...).")
     with torch.no_grad():
         if not assignment:
             return _run_device(None, list(jobs), jobs)

@@ -22,7 +22,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lwcompile.errors import LwcompileError, NonFiniteError
-from lwcompile.passes.inner import inner_lr_factor
 from lwcompile.runtime.ort_optim import NumpyOptimizer, make_numpy_optimizer
 
 MUTATED_PREFIX = "new__"
@@ -234,8 +233,8 @@ class OrtProgram:
         with open(path) as fh:
             self.manifest = json.load(fh)
         prog = self.manifest.get("program")
-        if prog is None:
-            raise LwcompileError(f"{path} has no 'program' section (format {self.manifest.get('format')!r}); "
+        if prog is None or "lr_factors" not in prog.get("inner", {}):
+            raise LwcompileError(f"{path} was written by an older lwcompile (format {self.manifest.get('format')!r}); "
                                  "export the directory again with prog.export_onnx(dir).")
         self.program, self.mode = prog, inner
         self.blocks = [b["name"] for b in prog["blocks"]]
@@ -330,8 +329,8 @@ class OrtProgram:
         if name in self._training:
             blk = self._training[name]
             blk.set_params(dict(zip(blk.params, start)))
-            steps, decay = int(self.program["inner"]["steps"]), bool(self.program["inner"]["lr_decay"])
-            lrs = [self.inner_lr * inner_lr_factor(k, steps, decay) for k in range(steps)]
+            factors = self.program["inner"]["lr_factors"]  # the inner step schedule, as the exporter wrote it
+            steps, lrs = len(factors), [self.inner_lr * f for f in factors]
             new = blk.train(x, target, steps=steps, lr=lrs[0], lr_schedule=lrs)
             return tuple(new[k].reshape(s.shape) for k, s in zip(blk.params, start))
         g = self._inner[name]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lwcompile.data import batches, load_images
-from lwcompile.models import deep_autoencoder, sigmoid_xent_sum
+from lwcompile.experiments.data import batches, load_images
+from lwcompile.experiments.models import deep_autoencoder, sigmoid_xent_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Data loaders, batching, the task loss and the model builders (lwcompile.data / lwcompile.models)."""
+"""Data loaders, batching, the task loss and the model builders (lwcompile.experiments: data.py, models.py)."""
 from __future__ import annotations
 
 import gzip
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from lwcompile.data import (
+from lwcompile.experiments.data import (
     batches, find_default_mnist_dir, load_digits_images, load_digits_labels, load_images, load_mnist,
     load_mnist_labels,
 )
-from lwcompile.models import deep_autoencoder, mlp, sigmoid_xent_sum, small_cnn
+from lwcompile.experiments.models import deep_autoencoder, mlp, sigmoid_xent_sum, small_cnn
 
 
 def _write_idx(path: Path, arr: np.ndarray, magic: int | None = None) -> None:

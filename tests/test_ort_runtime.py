@@ -241,7 +241,8 @@ def test_training_artifact_inner_loop_equals_prog_step_for_gd(cli_export, decay)
     out, _ = cli_export
     run_ = OrtProgram(out, inner="training")
     assert set(run_._training) == set(run_.blocks)  # every block runs in onnxruntime-training
-    run_.program["inner"]["lr_decay"] = decay  # the artifacts take the lr per step: decay is a schedule
+    steps = run_.program["inner"]["steps"]  # the artifacts take the lr per step: METHOD.md's decay is a schedule
+    run_.program["inner"]["lr_factors"] = [max(1 - k / steps, 0.25) if decay else 1.0 for k in range(steps)]
     model, x0, _, _ = load_export_factory(f"{out.parent / 'lw_cli_factory.py'}:make")
     cfg = lwcompile.Config(**run_.config).replace(inner_lr_decay=decay)
     prog = lwcompile.transform(model, F.mse_loss, x0, cfg)

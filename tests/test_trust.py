@@ -261,7 +261,7 @@ def test_a_failing_step_leaves_model_and_every_optimizer_state_as_before(phase):
         class Boom:
             def run_jobs(self, jobs):
                 raise RuntimeError("boom in the inner phase")
-        kwargs["assignment"] = Boom()
+        kwargs["runner"] = Boom()
     elif phase == "outer":
         def boom(opt, args, kw):  # a post-hook: the non-block parameters have moved already
             raise RuntimeError("boom after the outer optimizer moved the parameters")

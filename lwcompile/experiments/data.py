@@ -131,8 +131,8 @@ def load_digits_labels(split: Split = "train") -> torch.Tensor:
 
 
 def project_root() -> Path:
-    """The repository root: the parent of the `lwcompile/` package directory."""
-    return Path(__file__).resolve().parent.parent
+    """The repository root: the parent of the `lwcompile/` package directory (this file: lwcompile/experiments/)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def find_default_mnist_dir() -> Path | None:

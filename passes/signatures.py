@@ -1,0 +1,101 @@
+"""Signature records of the emitted graphs: they pack inputs and unpack outputs by name.
+
+Every emitted graph takes and returns flat tuples of tensors (what FX, ONNX and torch.distributed move around).
+Only these records know the order, in the manner of ``torch.export``'s ``ExportGraphSignature``: callers say
+``sig.unpack(outs).targets["fc1"]``, never ``outs[1 + m + i]``.
+
+Example:
+    >>> import torch
+    >>> sig = InnerSignature(params=("weight", "bias"), n_state=2)
+    >>> sig.input_names
+    ['weight', 'bias', 'x', 'target', 'lr', 'state0', 'state1']
+    >>> new, state = sig.unpack((torch.zeros(1), torch.ones(1), torch.zeros(1), torch.zeros(1)))
+    >>> len(new), len(state)
+    (2, 2)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class TargetOutputs:
+    """The forward/target graph's results by name."""
+
+    loss: torch.Tensor
+    inputs: Mapping[str, torch.Tensor]  # block name -> its input x
+    targets: Mapping[str, torch.Tensor]  # block name -> its target (METHOD.md step 3)
+    grads: Mapping[str, torch.Tensor]  # non-block parameter -> ∂L/∂p (its uses outside blocks)
+
+
+@dataclass(frozen=True)
+class TargetSignature:
+    """The target graph: (params, buffers, inputs, labels) -> (loss, block inputs, block targets, non-block grads)."""
+
+    params: tuple[str, ...]
+    buffers: tuple[str, ...]
+    n_inputs: int
+    n_labels: int
+    blocks: tuple[str, ...]
+    nonblock: tuple[str, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return ([f"param:{p}" for p in self.params] + [f"buffer:{b}" for b in self.buffers]
+                + [f"input:{i}" for i in range(self.n_inputs)] + [f"label:{i}" for i in range(self.n_labels)])
+
+    @property
+    def output_names(self) -> list[str]:
+        return (["loss"] + [f"block_input:{b}" for b in self.blocks] + [f"target:{b}" for b in self.blocks]
+                + [f"grad:{p}" for p in self.nonblock])
+
+    def pack(self, params: Mapping[str, Any], buffers: Mapping[str, Any], inputs: Sequence[Any],
+             labels: Sequence[Any]) -> list[Any]:
+        """The flat argument list, from parameters and buffers by name and the batch."""
+        if len(inputs) != self.n_inputs or len(labels) != self.n_labels:
+            raise ValueError(f"the target graph takes {self.n_inputs} input(s) and {self.n_labels} label(s), "
+                             f"got {len(inputs)} and {len(labels)}")
+        return ([params[p] for p in self.params] + [buffers[b] for b in self.buffers] + list(inputs) + list(labels))
+
+    def unpack(self, outs: Sequence[Any]) -> TargetOutputs:
+        """The graph's flat outputs as a :class:`TargetOutputs`."""
+        m = len(self.blocks)
+        if len(outs) != 1 + 2 * m + len(self.nonblock):
+            raise ValueError(f"the target graph returned {len(outs)} values, its signature names "
+                             f"{1 + 2 * m + len(self.nonblock)}")
+        return TargetOutputs(outs[0], dict(zip(self.blocks, outs[1:1 + m])), dict(zip(self.blocks, outs[1 + m:1 + 2 * m])),
+                             dict(zip(self.nonblock, outs[1 + 2 * m:])))
+
+
+@dataclass(frozen=True)
+class InnerSignature:
+    """A block's inner-update graph: (params, x, target, lr, *state) -> (new params, *new state)."""
+
+    params: tuple[str, ...]  # "weight"[, "bias"]
+    n_state: int
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.params) + ["x", "target", "lr"] + [f"state{i}" for i in range(self.n_state)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f"new_{p}" for p in self.params] + [f"new_state{i}" for i in range(self.n_state)]
+
+    def pack(self, params: Sequence[Any], x: Any, target: Any, lr: Any, state: Sequence[Any]) -> list[Any]:
+        if len(params) != len(self.params) or len(state) != self.n_state:
+            raise ValueError(f"the inner graph takes {len(self.params)} parameter(s) and {self.n_state} state "
+                             f"tensor(s), got {len(params)} and {len(state)}")
+        return [*params, x, target, lr, *state]
+
+    def unpack(self, outs: Sequence[Any]) -> tuple[tuple, tuple]:
+        """(new parameter values, new optimizer state)."""
+        k = len(self.params)
+        if len(outs) != k + self.n_state:
+            raise ValueError(f"the inner graph returned {len(outs)} values, its signature names {k + self.n_state}")
+        return tuple(outs[:k]), tuple(outs[k:])
