@@ -19,6 +19,7 @@ from typing import Any, Callable
 from torch import nn
 
 from lwcompile.errors import ConfigError
+from lwcompile.ir import as_tuple
 
 
 def import_module_or_file(name: str) -> Any:
@@ -41,10 +42,6 @@ def import_module_or_file(name: str) -> Any:
                           ".py file.") from e
 
 
-def _as_tuple(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-
-
 def load_factory(spec: str) -> tuple[nn.Module, tuple, Callable | None, tuple | None]:
     """Import ``MODULE:FACTORY``, call it, check the result: (model, inputs, loss_fn or None, labels or None)."""
     module_name, sep, attr = spec.rpartition(":")
@@ -63,7 +60,7 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple, Callable | None, tuple | 
         raise ConfigError(f"{spec}() returned a {type(model).__name__} as the model; expected an nn.Module.")
     if loss is not None and not callable(loss):
         raise ConfigError(f"{spec}() returned a non-callable loss_fn ({type(loss).__name__}).")
-    return model, _as_tuple(inputs), loss, None if labels is None else _as_tuple(labels)
+    return model, as_tuple(inputs), loss, None if labels is None else as_tuple(labels)
 
 
 def parse_devices(text: str) -> int | list[str]:

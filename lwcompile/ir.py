@@ -55,13 +55,13 @@ class Block:
 
     @property
     def param_bytes(self) -> int:
-        n = _numel(self.weight_shape) + (_numel(self.bias_shape) if self.bias_shape else 0)
+        n = numel(self.weight_shape) + (numel(self.bias_shape) if self.bias_shape else 0)
         return n * self.dtype_bytes
 
     @property
     def activation_bytes(self) -> int:
         """Bytes of one batch of block input plus target (what an inner loop reads)."""
-        return (_numel(self.input_shape) + _numel(self.output_shape)) * self.dtype_bytes
+        return (numel(self.input_shape) + numel(self.output_shape)) * self.dtype_bytes
 
     @property
     def batch(self) -> int:
@@ -84,8 +84,17 @@ class TraceResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _numel(shape) -> int:
+MUTATED_PREFIX = "new__"  # exported graphs: output "new__X" is the value input X holds after the graph ran
+
+
+def numel(shape) -> int:
+    """Number of elements of a tensor of this shape (1 for a scalar)."""
     n = 1
     for s in shape or ():
         n *= int(s)
     return n
+
+
+def as_tuple(v: Any) -> tuple:
+    """A batch's inputs (or labels) as a tuple: a lone tensor becomes a 1-tuple."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)

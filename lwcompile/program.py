@@ -17,21 +17,18 @@ from torch import nn
 from lwcompile.config import Config
 from lwcompile.errors import ConfigError, LwcompileError, NonFiniteError, describe_values, first_line
 from lwcompile.guards import differences, layout_changes, snapshot
-from lwcompile.ir import Block, TraceResult
+from lwcompile.ir import Block, TraceResult, as_tuple
 from lwcompile.outer import OuterOptimizer
 from lwcompile.passes.inner import build_inner_graph, inner_example, inner_signature
 from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.partition import Partition
 from lwcompile.passes.signatures import InnerSignature, TargetSignature
+from lwcompile.passes.stages import Stage, build_layout
 from lwcompile.passes.state import preserved_state
 from lwcompile.passes.targets import build_target_graph, make_target_fn
 from lwcompile.pipeline import compile_model
 from lwcompile import rollback
 from lwcompile.runtime.local import Runner, check_runnable, run_jobs
-
-
-def _as_tuple(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
 def _block_layout(blocks: Sequence[Block]) -> tuple:
@@ -203,8 +200,8 @@ class Program:
 
     def build_target_graph(self, example_labels: Any, example_inputs: Any = None) -> fx.GraphModule:
         """Trace the target graph for these example labels (and inputs; default: the transform's)."""
-        inputs = self.example_inputs if example_inputs is None else _as_tuple(example_inputs)
-        return self._target_for(inputs, _as_tuple(example_labels))[0]
+        inputs = self.example_inputs if example_inputs is None else as_tuple(example_inputs)
+        return self._target_for(inputs, as_tuple(example_labels))[0]
 
     def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None) -> fx.GraphModule:
         """The inner-update GraphModule of block ``name`` for a batch size (default: the example's) and dtype
@@ -242,7 +239,7 @@ class Program:
         """Run the forward/target graph only: loss, and per block its input and target (nothing updated
         except BatchNorm-style running statistics)."""
         self.check_guards()
-        inputs, labels = _as_tuple(x), _as_tuple(y)
+        inputs, labels = as_tuple(x), as_tuple(y)
         self._check_inputs(inputs)
         tg, sig = self._target_for(inputs, labels)
         with torch.no_grad():
@@ -330,6 +327,12 @@ class Program:
             self._outer.step(grads)
             for name in grads:
                 self._check_finite(f"the new value of non-block parameter {name!r}", self._param(name))
+
+    def stage(self, block_rank: Mapping[str, int], rank: int) -> Stage:
+        """Rank ``rank``'s part of the forward/target computation when block ``b`` runs on rank ``block_rank[b]``
+        (the partitioned runtime's unit; see :mod:`lwcompile.passes.stages`)."""
+        layout = build_layout(self.tapped, self.blocks, self.nonblock, block_rank)
+        return Stage(self.tapped, layout, rank, self.blocks)
 
     def outer_state(self) -> dict[str, dict[str, Any]]:
         """The outer optimizer's slots by non-block parameter name (empty without an outer optimizer)."""

@@ -40,13 +40,13 @@ from lwcompile.passes.onnx_decomp import (MAX_IR_VERSION, GraphWrapper, dynamo_e
                                           translate_prepared)
 from lwcompile.passes.onnx_files import FORMAT, GraphExport, TrainingExport, describe_model, export_onnx_dir
 from lwcompile.passes.onnx_training import export_training_artifacts
+from lwcompile.ir import MUTATED_PREFIX
 
 __all__ = ["MAX_OPSET", "MAX_IR_VERSION", "MUTATED_PREFIX", "FORMAT", "graph_to_onnx", "export_graph_module",
            "examples_from_meta", "describe_model", "GraphExport", "TrainingExport", "export_onnx_dir",
            "export_training_artifacts"]
 
 MAX_OPSET = 21
-MUTATED_PREFIX = "new__"  # output "new__X" is the value input X holds after the graph ran (in-place mutation)
 
 
 # ---------------------------------------------------------------------------------------------------------------

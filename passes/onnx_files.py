@@ -32,6 +32,7 @@ import torch
 
 from lwcompile.errors import ExportError
 from lwcompile.passes.onnx_training import export_training_artifacts
+from lwcompile.ir import MUTATED_PREFIX
 
 __all__ = ["FORMAT", "MARKER", "MANIFEST", "GraphExport", "TrainingExport", "describe_model", "export_onnx_dir",
            "check_out_dir", "staged_dir"]
@@ -305,7 +306,6 @@ def export_onnx_dir(out_dir: str, graphs: Sequence[GraphExport], training: Seque
          "program": {...},   # export_program only: see program_manifest
          "written": ["inner_0.onnx", ..., "training/fc1/lwblock.json", ...]}   # every file, to replace it later
     """
-    from lwcompile.passes.onnx_export import MUTATED_PREFIX  # here: onnx_export imports this module
 
     manifest: dict[str, Any] = {"format": FORMAT, "opset": opset, "mutated_output_prefix": MUTATED_PREFIX,
                                 "meta": meta or {}, "files": [], "training": [], "data": []}
@@ -339,7 +339,7 @@ def _files_under(root: str) -> list[str]:
 
 
 def _write_graph(tmp: str, ge: GraphExport, opset: int, used: set[str]) -> dict:
-    from lwcompile.passes.onnx_export import MUTATED_PREFIX, export_graph_module  # onnx_export imports this module
+    from lwcompile.passes.onnx_export import export_graph_module  # here: onnx_export imports this module
 
     fname = ge.file or safe_name(ge.name) + ".onnx"
     if fname in used:

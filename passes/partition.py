@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from lwcompile.errors import PartitionError
-from lwcompile.ir import Block
+from lwcompile.ir import Block, numel
 from lwcompile.passes import registry as R
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.state import preserved_state
@@ -325,7 +325,7 @@ def _block_edges(gm: fx.GraphModule, blocks: list[Block]) -> tuple[tuple[str, st
     edges = []
     for b in blocks:
         node = nodes[b.node]
-        bytes_in = b.activation_bytes - (_numel(b.output_shape) * b.dtype_bytes)
+        bytes_in = b.activation_bytes - (numel(b.output_shape) * b.dtype_bytes)
         seen, stack, producers = set(), [a for a in node.all_input_nodes], set()
         while stack:
             n = stack.pop()
@@ -339,9 +339,3 @@ def _block_edges(gm: fx.GraphModule, blocks: list[Block]) -> tuple[tuple[str, st
         edges.extend((p, b.name, bytes_in) for p in sorted(producers))
     return tuple(edges)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

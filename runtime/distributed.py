@@ -6,7 +6,7 @@ same plan, and calls ``step`` with the same batch.
 * **replicated** plans: every rank runs the forward/target graph, then only its own blocks' inner loops; the
   owners then broadcast the new weights and inner-optimizer state. Non-block parameters are stepped on every
   rank from identical gradients, so all ranks hold the same model after every step.
-* **partitioned** plans: rank i holds only stage i (see :mod:`lwcompile.runtime.stages`): it evaluates its part of
+* **partitioned** plans: rank i holds only stage i (see :mod:`lwcompile.passes.stages`): it evaluates its part of
   the model, sends activations forward and activation gradients back, computes its blocks' targets and inner
   loops, and steps its own non-block parameters. No weights move. ``state_dict()`` gathers the whole model.
 
@@ -41,7 +41,7 @@ from lwcompile.errors import ConfigError, NonFiniteError
 from lwcompile.runtime.comm import Comm, DistributedError
 from lwcompile.runtime.local import Job, run_jobs
 from lwcompile.runtime.plan import Plan
-from lwcompile.runtime.stages import Stage, build_layout, grad_leaves
+from lwcompile.ir import as_tuple
 
 __all__ = ["DistributedTrainer", "DistributedError", "init_from_env"]
 
@@ -164,7 +164,7 @@ class DistributedTrainer:
         prog, comm, rank = self.prog, self.comm, self.rank
         lay = self._refresh_layout()
         stage = self._stage
-        inputs, labels = _as_tuple(x), _as_tuple(y)
+        inputs, labels = as_tuple(x), as_tuple(y)
         checksum = _checksum(x, y)
         gm = prog.trace_result.graph_module
         saved = {n: b.detach().clone() for n, b in gm.named_buffers()}
@@ -205,14 +205,14 @@ class DistributedTrainer:
             back: list = []
             if note is None:
                 try:
-                    recv_leaves = [t for src in lay.upstream(rank) for t in grad_leaves(got[src])]
+                    recv_leaves = [t for src in lay.upstream(rank) for t in self._stage.grad_leaves(got[src])]
                     tap_g, param_g, back = stage.backward(
                         env, loss, [(sent[d], grads_back[d]) for d in lay.downstream(rank)], recv_leaves, params)
                 except Exception as e:
                     error, note = e, f"rank {rank} (backward): {type(e).__name__}: {e}"
             per_src, i = {}, 0
             for src in lay.upstream(rank) if note is None else ():
-                n = len(grad_leaves(got[src]))
+                n = len(self._stage.grad_leaves(got[src]))
                 per_src[src], i = back[i:i + n], i + n
             for src in reversed(lay.upstream(rank)):
                 comm.send(src, per_src.get(src), failure=note)
@@ -260,8 +260,8 @@ class DistributedTrainer:
         tapped = self.prog.tapped
         if tapped is not self._tapped:
             ranks = {b: r for r, bs in self.blocks_of.items() for b in bs}
-            self._layout = build_layout(tapped, self.prog.blocks, self.prog.nonblock, ranks)
-            self._stage = Stage(tapped, self._layout, self.rank, self.prog.blocks)
+            self._stage = self.prog.stage(ranks, self.rank)
+            self._layout = self._stage.layout
             self._tapped = tapped
         return self._layout
 
@@ -335,10 +335,6 @@ class _ReplicatedRunner:
 def _model_device(prog: Any) -> torch.device:
     p = next(iter(prog.trace_result.graph_module.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _as_tuple(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
 def _checksum(*batches: Any) -> float:

@@ -23,8 +23,8 @@ import numpy as np
 
 from lwcompile.errors import LwcompileError, NonFiniteError
 from lwcompile.runtime.ort_optim import NumpyOptimizer, make_numpy_optimizer
+from lwcompile.ir import MUTATED_PREFIX, as_tuple
 
-MUTATED_PREFIX = "new__"
 
 _NP_OF_ONNX = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -285,7 +285,7 @@ class OrtProgram:
     def compute_targets(self, x: Any, y: Any) -> dict[str, Any]:
         """Run the target graph: loss, per block its input and target, the non-block gradients and new buffers."""
         t = self.program["target"]
-        xs, ys = _as_tuple(x), _as_tuple(y)
+        xs, ys = as_tuple(x), as_tuple(y)
         if len(xs) != len(t["inputs"]) or len(ys) != len(t["labels"]):
             raise LwcompileError(f"the target graph takes {len(t['inputs'])} input(s) and {len(t['labels'])} label(s); "
                                  f"got {len(xs)} and {len(ys)}.")
@@ -367,6 +367,3 @@ class OrtProgram:
                 v = self.params[name] if name in self.params else self.buffers[name]
                 t.copy_(torch.from_numpy(np.array(v)).reshape(t.shape).to(t.dtype))
 
-
-def _as_tuple(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)

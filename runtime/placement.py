@@ -12,13 +12,12 @@ All functions are pure: blocks, edges and costs in, a :class:`lwcompile.runtime.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import networkx as nx
 
 from lwcompile.errors import ConfigError
-from lwcompile.ir import Block
+from lwcompile.ir import Block, numel
 from lwcompile.runtime.costs import BlockCost, block_costs
 from lwcompile.runtime.placement_algorithms import (EXACT_MAX_BLOCKS, EXACT_NODE_BUDGET, exact_schedule, improve,
                                                     lower_bound, lpt, partition_contiguous, schedule_replicated)
@@ -204,8 +203,5 @@ def sequential_edges(blocks: Sequence[Block]) -> list[tuple[str, str, int]]:
         >>> sequential_edges(b)
         [('a', 'b', 32)]
     """
-    return [(a.name, b.name, _numel(a.output_shape) * a.dtype_bytes) for a, b in zip(blocks, blocks[1:])]
+    return [(a.name, b.name, numel(a.output_shape) * a.dtype_bytes) for a, b in zip(blocks, blocks[1:])]
 
-
-def _numel(shape: Sequence[int]) -> int:
-    return math.prod(int(s) for s in shape)

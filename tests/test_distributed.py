@@ -24,7 +24,7 @@ import lwcompile
 import zoo
 from lwcompile.errors import ConfigError
 from lwcompile.runtime.local import run_jobs
-from lwcompile.runtime.stages import build_layout
+from lwcompile.passes.stages import build_layout
 
 STEPS = 3
 
@@ -265,7 +265,7 @@ def test_a_rank_that_hangs_makes_the_other_raise_after_the_timeout():
     assert "raised after" in out[3]
 
 
-@pytest.mark.parametrize("module", ["lwcompile.runtime.local", "lwcompile.runtime.stages"])
+@pytest.mark.parametrize("module", ["lwcompile.runtime.local", "lwcompile.passes.stages"])
 def test_module_examples_run(module):
     import doctest
     import importlib

@@ -92,6 +92,7 @@ def cnn_by_hand(m, x, buffers):
 
 
 BY_HAND = {"mlp": mlp_by_hand, "cnn": cnn_by_hand}
+NONBLOCK = {"mlp": [], "cnn": ["bn1.weight", "bn1.bias"]}  # trained by the outer optimizer on ∂L/∂θ
 
 
 def eager_step_values(arch, model, inputs, y, loss_fn, target):
@@ -101,7 +102,7 @@ def eager_step_values(arch, model, inputs, y, loss_fn, target):
     with torch.no_grad():
         torch.testing.assert_close(out, copy.deepcopy(model)(*inputs), **TOL)  # the hand-written model is the model
     loss = loss_fn(out, y)
-    nonblock = [p for n, p in model.named_parameters() if n.startswith("bn1.")]
+    nonblock = [model.get_parameter(n) for n in NONBLOCK[arch]]
     grads = torch.autograd.grad(loss, [t for _, a, yh in taps.values() for t in (a, yh)] + nonblock)
     targets = {}
     for i, (name, (_, a, yh)) in enumerate(taps.items()):
@@ -109,8 +110,7 @@ def eager_step_values(arch, model, inputs, y, loss_fn, target):
         targets[name] = {"gd_pre": a - GAMMA * g_pre, "dual_md_pre": a - GAMMA * g_post,
                          "gd_post": yh - GAMMA * g_post, "md_post": yh - GAMMA * g_pre}[target].detach()
     return {"loss": loss.detach(), "inputs": {n: t[0].detach() for n, t in taps.items()}, "targets": targets,
-            "grads": dict(zip([n for n, _ in model.named_parameters() if n.startswith("bn1.")],
-                              grads[2 * len(taps):])), "buffers": buffers}
+            "grads": dict(zip(NONBLOCK[arch], grads[2 * len(taps):])), "buffers": buffers}
 
 
 def _mlp():

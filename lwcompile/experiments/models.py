@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lwcompile.outer import make_torch_optimizer
+
 AUTOENCODER_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 _ACTS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
@@ -157,10 +159,8 @@ def backprop_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     >>> type(backprop_optimizer("adam", [torch.zeros(1, requires_grad=True)], 1e-3)).__name__
     'Adam'
     """
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9)
-    raise ValueError(f"optimizer must be one of 'sgd', 'adam', 'rmsprop', got {name!r}")
+    # the paper baselines' settings of lwcompile's one torch-optimizer factory
+    spec = {"sgd": ("momentum", {}), "adam": ("adam", {}), "rmsprop": ("rmsprop", {"alpha": 0.9})}
+    if name not in spec:
+        raise ValueError(f"optimizer must be one of 'sgd', 'adam', 'rmsprop', got {name!r}")
+    return make_torch_optimizer(spec[name][0], params, lr, spec[name][1])

@@ -1,4 +1,4 @@
-"""Pipeline stages for the partitioned runtime: which rank evaluates each node, and one stage's forward/backward.
+"""Stages pass for the partitioned runtime: which rank evaluates each node, and one stage's forward/backward.
 
 ``build_layout`` is pure: it reads the program's *tapped* graph (the traced model, returning every block's input,
 pre-activation and output) and the rank of each block, and decides for every other node where it runs:
@@ -186,6 +186,8 @@ def grad_leaves(values: Sequence[Any]) -> list[torch.Tensor]:
 
 class Stage:
     """One rank's part of the forward/target computation. Holds no state between steps."""
+
+    grad_leaves = staticmethod(grad_leaves)  # the runtime sends and receives exactly these
 
     def __init__(self, gm: fx.GraphModule, layout: StageLayout, rank: int, blocks: Sequence[Block]) -> None:
         self.gm = gm
