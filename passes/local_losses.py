@@ -18,44 +18,46 @@ import torch
 from lwcompile.passes.transfer import TRANSFERS, Kw
 
 
+# METHOD.md step 3, one row per target kind: (â, ŷ, ∂L/∂â, ∂L/∂ŷ, γ) -> target
+TARGET_RULES = {
+    "gd_pre": lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_pre,
+    "dual_md_pre": lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_post,
+    "gd_post": lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_post,
+    "md_post": lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_pre,
+}
+
+# METHOD.md step 4, one row per local loss: (residual ∂local/∂z, the summed value). Matching: Σ F(z) − yᵀz drops
+# the constant F(a) − yᵀa; dual Bregman: Σ (z − a)ᵀf(z) − F(z) drops F(a); both have the residual as exact gradient.
+LOSS_RULES = {
+    "squared_pre": (lambda t, kw, z, a: z - a,
+                    lambda t, kw, z, a: 0.5 * ((z - a) ** 2).sum()),
+    "squared_post": (lambda t, kw, z, a: t.vjp(z, t.f(z, kw) - a, kw),
+                     lambda t, kw, z, a: 0.5 * ((t.f(z, kw) - a) ** 2).sum()),
+    "matching": (lambda t, kw, z, a: t.f(z, kw) - a,
+                 lambda t, kw, z, a: t.F(z, kw).sum() - (a * z).sum()),
+    # f′(z)(z − a); the softmax Jacobian is symmetric, so its vjp is this product too
+    "dual_bregman": (lambda t, kw, z, a: t.vjp(z, z - a, kw),
+                     lambda t, kw, z, a: ((z - a) * t.f(z, kw)).sum() - t.F(z, kw).sum()),
+}
+
+
+def _rule(table: dict, kind: str, what: str):
+    if kind not in table:
+        raise ValueError(f"unknown {what} {kind!r}; known: {sorted(table)}")
+    return table[kind]
+
+
 def make_target(kind: str, gamma: float, a_hat: torch.Tensor, y_hat: torch.Tensor,
                 g_pre: torch.Tensor, g_post: torch.Tensor) -> torch.Tensor:
     """The table of METHOD.md step 3 (g_pre = ∂L/∂â, g_post = ∂L/∂ŷ)."""
-    if kind == "gd_pre":
-        return a_hat - gamma * g_pre
-    if kind == "dual_md_pre":
-        return a_hat - gamma * g_post
-    if kind == "gd_post":
-        return y_hat - gamma * g_post
-    if kind == "md_post":
-        return y_hat - gamma * g_pre
-    raise ValueError(f"unknown target kind {kind!r}")
+    return _rule(TARGET_RULES, kind, "target kind")(a_hat, y_hat, g_pre, g_post, gamma)
 
 
 def residual(loss: str, transfer: str, kw: Kw, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """∂ local(z, target) / ∂z, summed-loss convention (no 1/N)."""
-    t = TRANSFERS[transfer]
-    if loss == "squared_pre":
-        return z - target
-    if loss == "matching":
-        return t.f(z, kw) - target
-    if loss == "squared_post":
-        return t.vjp(z, t.f(z, kw) - target, kw)
-    if loss == "dual_bregman":
-        return t.vjp(z, z - target, kw)  # f′(z)(z − a); the softmax Jacobian is symmetric
-    raise ValueError(f"unknown local loss {loss!r}")
+    return _rule(LOSS_RULES, loss, "local loss")[0](TRANSFERS[transfer], kw, z, target)
 
 
 def value(loss: str, transfer: str, kw: Kw, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The local loss summed over the batch. Matching: Σ F(z) − yᵀz (drops the constant F(a) − yᵀa);
-    dual Bregman: Σ (z − a)ᵀf(z) − F(z) (drops F(a)); both have ``residual`` as their exact gradient."""
-    t = TRANSFERS[transfer]
-    if loss == "squared_pre":
-        return 0.5 * ((z - target) ** 2).sum()
-    if loss == "squared_post":
-        return 0.5 * ((t.f(z, kw) - target) ** 2).sum()
-    if loss == "matching":
-        return t.F(z, kw).sum() - (target * z).sum()
-    if loss == "dual_bregman":
-        return ((z - target) * t.f(z, kw)).sum() - t.F(z, kw).sum()
-    raise ValueError(f"unknown local loss {loss!r}")
+    """The local loss summed over the batch (up to a constant in z for matching and dual Bregman)."""
+    return _rule(LOSS_RULES, loss, "local loss")[1](TRANSFERS[transfer], kw, z, target)

@@ -173,18 +173,22 @@ def artifact_supported(local_loss: str, transfer: str) -> bool:
     return local_loss in _NEEDS and all(transfer in table for table in _NEEDS[local_loss])
 
 
+# One ONNX builder per local loss: (graph, f, F, z, a) -> the loss summed over every element; its z-gradient is
+# METHOD.md's residual (the same rows as lwcompile.passes.local_losses.LOSS_RULES).
+_ONNX_LOSSES = {
+    "squared_pre": lambda g, f, F, z, a: g.total(_half_square(g, g("Sub", z, a))),  # ½Σ(z − a)²
+    "squared_post": lambda g, f, F, z, a: g.total(_half_square(g, g("Sub", f(z), a))),  # ½Σ(f(z) − a)²
+    "matching": lambda g, f, F, z, a: g("Sub", g.total(F(z)), g.total(g("Mul", a, z))),  # ΣF(z) − Σ a·z
+    "dual_bregman": lambda g, f, F, z, a: g("Add", g.total(g("Sub", g("Mul", f(z), g("Sub", z, a)), F(z))),
+                                            g.total(F(a))),  # Σ[f(z)(z − a) − F(z) + F(a)]
+}
+
+
 def _local_loss(g: _Graph, local_loss: str, transfer: str, kw: dict, z: str, a: str) -> str:
-    """The local loss summed over every element; its z-gradient is METHOD.md's residual: squared_pre ½Σ(z − a)²,
-    squared_post ½Σ(f(z) − a)², matching ΣF(z) − Σ a·z, dual_bregman Σ[f(z)(z − a) − F(z) + F(a)]."""
+    """The local loss ``local_loss`` of ``z`` against target ``a``, as ONNX nodes in ``g``."""
     f = lambda t: TRANSFER_OF[transfer](g, t, kw)  # noqa: E731
     F = lambda t: POTENTIAL_OF[transfer](g, t, kw)  # noqa: E731
-    if local_loss == "squared_pre":
-        return g.total(_half_square(g, g("Sub", z, a)))
-    if local_loss == "squared_post":
-        return g.total(_half_square(g, g("Sub", f(z), a)))
-    if local_loss == "matching":
-        return g("Sub", g.total(F(z)), g.total(g("Mul", a, z)))
-    return g("Add", g.total(g("Sub", g("Mul", f(z), g("Sub", z, a)), F(z))), g.total(F(a)))
+    return _ONNX_LOSSES[local_loss](g, f, F, z, a)
 
 
 def _loss_block(local_loss: str, transfer: str, tkw: dict, prox: float, params: list[str]):

@@ -36,23 +36,30 @@ MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, aten.matmul.default
 MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
 
 
+_SWAP_PAIRS = ([0, 1], [-2, -1], [-1, 0], [-2, 1])  # the axis pairs that swap a 2-D tensor's two axes
+# (FX op, target) -> does this call swap the two axes of its (2-D weight) argument?  W.T, W.t(), W.transpose(0, 1), ...
+_TRANSPOSES = {
+    ("call_function", getattr): lambda n: n.args[1] in ("T", "mT"),
+    ("call_method", "t"): lambda n: True,
+    ("call_method", "transpose"): lambda n: sorted(n.args[1:3]) in _SWAP_PAIRS,
+    ("call_method", "permute"): lambda n: list(n.args[1:]) in ([1, 0], [[1, 0]], [(1, 0)]),
+    ("call_function", torch.t): lambda n: True,
+    ("call_function", aten.t.default): lambda n: True,
+    ("call_function", aten.numpy_T.default): lambda n: True,
+    ("call_function", torch.transpose): lambda n: sorted(n.args[1:3]) in _SWAP_PAIRS,
+    ("call_function", aten.transpose.int): lambda n: sorted(n.args[1:3]) in _SWAP_PAIRS,
+    ("call_function", torch.permute): lambda n: list(n.args[1]) == [1, 0],
+    ("call_function", aten.permute.default): lambda n: list(n.args[1]) == [1, 0],
+}
+
+
 def is_transpose_of_2d(node) -> bool:
     """Does `node` swap the two axes of its (2-D weight) argument?  (W.T, W.t(), W.transpose(0, 1), ...)"""
-    if node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
-        return True
-    if node.op == "call_method" and node.target == "t":
-        return True
-    if node.op == "call_method" and node.target == "transpose" and sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0], [-2, 1]):
-        return True
-    if node.op == "call_method" and node.target == "permute" and list(node.args[1:]) in ([1, 0], [[1, 0]], [(1, 0)]):
-        return True
-    if node.op == "call_function" and node.target in (torch.t, aten.t.default, aten.numpy_T.default):
-        return True
-    if node.op == "call_function" and node.target in (torch.transpose, aten.transpose.int) and sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0], [-2, 1]):
-        return True
-    if node.op == "call_function" and node.target in (torch.permute, aten.permute.default) and list(node.args[1]) == [1, 0]:
-        return True
-    return False
+    try:
+        rule = _TRANSPOSES.get((node.op, node.target))
+    except TypeError:  # an unhashable target
+        return False
+    return bool(rule and rule(node))
 
 
 # ---------------------------------------------------------------- transfer functions
