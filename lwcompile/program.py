@@ -80,6 +80,7 @@ class Program:
                 "the model changed since lwcompile.transform so that its blocks differ (" +
                 "; ".join(differences(old.guards, c.guards)) + "); call lwcompile.transform again.")
         self._compiled = c
+        self._inner_sigs = {b.name: inner_signature(b, self.config) for b in c.partition.blocks}
         self._target_cache.clear()
         self._last_target = None
 
@@ -222,7 +223,7 @@ class Program:
 
     def inner_signature(self, name: str) -> InnerSignature:
         """Block ``name``'s inner graph signature (inputs and outputs by name)."""
-        return inner_signature(self._block(name), self.config)
+        return self._inner_sigs[self._block(name).name]
 
     def inner_io_names(self, name: str) -> tuple[list[str], list[str]]:
         sig = self.inner_signature(name)
