@@ -27,7 +27,7 @@ from lwcompile.guards import Guards, snapshot
 from lwcompile.ir import TraceResult
 from lwcompile.passes.checks import ensures_partition, ensures_tap
 from lwcompile.passes.partition import Partition, partition
-from lwcompile.passes.targets import tap
+from lwcompile.passes.targets import is_cumulative_batch_norm, tap
 from lwcompile.passes.trace import EXPORT, trace
 
 
@@ -95,8 +95,7 @@ def compile_model(model: nn.Module, loss_fn: Any, example_inputs: tuple, config:
 def refuse_unsupported_modules(model: nn.Module, cause: BaseException | None = None) -> None:
     """Modules whose training-mode semantics the graphs cannot reproduce exactly: refused by name."""
     for name, m in model.named_modules():
-        if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.momentum is None
-                and m.track_running_stats):
+        if is_cumulative_batch_norm(m):
             raise PartitionError(
                 f"module {name!r} ({type(m).__name__}) uses momentum=None (a cumulative average whose factor "
                 "1/num_batches_tracked is data-dependent): supported with the torch.fx front end only, and this "

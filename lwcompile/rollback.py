@@ -35,8 +35,9 @@ class Snapshot:
 
 
 def snapshot(module: nn.Module, inner_state: Mapping[str, tuple], outer: Any, step_count: int) -> Snapshot:
-    """Copies of ``module``'s parameters and buffers, the inner state table, the outer optimizer's state."""
-    return Snapshot({n: p.detach().clone() for n, p in module.named_parameters()},
+    """Copies of ``module``'s trainable parameters and buffers (what a step may write: a frozen parameter never
+    moves), the inner state table, the outer optimizer's state."""
+    return Snapshot({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
                     {n: b.detach().clone() for n, b in module.named_buffers()}, dict(inner_state), outer,
                     copy.deepcopy(outer.state_dict()) if outer is not None else None, step_count)
 

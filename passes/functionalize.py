@@ -77,6 +77,8 @@ class _Recorder(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
+        # Every output is kept alive until the analysis ends: a freed tensor's storage address could be reused
+        # by a later one, and two unrelated activations would then look like views of each other.
         self.tensors: dict[fx.Node, list[torch.Tensor]] = {}
         self.mutated: dict[fx.Node, list[fx.Node]] = {}
 

@@ -31,6 +31,7 @@ from lwcompile.errors import LossError, TraceError, describe_values, first_line
 from lwcompile.ir import Block
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.local_losses import make_target
+from lwcompile.passes.registry import is_transpose_of_2d
 from lwcompile.passes.signatures import TargetSignature
 from lwcompile.passes.transfer import apply_transfer
 
@@ -74,7 +75,7 @@ def tap(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModule:
             x = env[nodes[b.input_node]] if b.input_node else env[_block_input(node, gm)]
             env[node] = graph.call_function(apply_linear, (x, params[0], params[1] if b.bias else None,
                                                            b.op, b.attrs))
-        elif node.op == "call_module" and _cumulative_bn(gm.get_submodule(node.target)):
+        elif node.op == "call_module" and is_cumulative_batch_norm(gm.get_submodule(node.target)):
             mod, t = gm.get_submodule(node.target), node.target
             state = [graph.get_attr(f"{t}.{a}") if getattr(mod, a) is not None else None
                      for a in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
@@ -104,7 +105,8 @@ def tap(gm: fx.GraphModule, blocks: Sequence[Block]) -> fx.GraphModule:
     return fx.GraphModule(root, graph, "Tapped" + type(gm).__name__)
 
 
-def _cumulative_bn(m: torch.nn.Module) -> bool:
+def is_cumulative_batch_norm(m: torch.nn.Module) -> bool:
+    """A train-mode BatchNorm with ``momentum=None``: its running average needs :func:`cumulative_batch_norm`."""
     return (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.momentum is None
             and m.track_running_stats)
 
@@ -133,12 +135,7 @@ def _block_input(linear: fx.Node, gm: fx.GraphModule) -> fx.Node:
 
 def _is_weight_glue(n: fx.Node) -> bool:
     """Side-effect-free reads of a weight (get_attr, a transpose) that may be dropped once unused."""
-    if n.op == "get_attr":
-        return True
-    if n.op == "call_method":
-        return n.target in ("t", "transpose", "permute")
-    return n.op == "call_function" and (n.target in (torch.t, torch.transpose, torch.permute) or (
-        n.target is getattr and n.args[1] in ("T", "mT")))
+    return n.op == "get_attr" or is_transpose_of_2d(n)
 
 
 def apply_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, op: str, attrs: tuple) -> torch.Tensor:
