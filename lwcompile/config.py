@@ -7,18 +7,20 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lwcompile.errors import ConfigError
+from lwcompile.passes.local_losses import LOSS_RULES, TARGET_RULES
 
-TARGETS = ("gd_pre", "dual_md_pre", "gd_post", "md_post")
-LOCAL_LOSSES = ("squared_pre", "squared_post", "matching", "dual_bregman")
+# Target kinds and local losses are rows of passes/local_losses.py; what Config validates is read from them.
+TARGETS = tuple(TARGET_RULES)
+LOCAL_LOSSES = tuple(LOSS_RULES)
 INNER_OPTIMIZERS = ("gd", "momentum", "rmsprop", "rmsprop_tf1", "adam")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "none")
 FRONTENDS = ("auto", "fx", "export")
 
 # Which activation space each target lives in and each local loss compares in.
-TARGET_SPACE = {"gd_pre": "pre", "dual_md_pre": "pre", "gd_post": "post", "md_post": "post"}
-LOSS_SPACE = {"squared_pre": "pre", "dual_bregman": "pre", "squared_post": "post", "matching": "post"}
+TARGET_SPACE = {name: rule.space for name, rule in TARGET_RULES.items()}
+LOSS_SPACE = {name: rule.space for name, rule in LOSS_RULES.items()}
 # The pairs of METHOD.md, for which T=1 plain GD equals SGD at lr η·γ.
-PAIRS = {"gd_pre": "squared_pre", "dual_md_pre": "dual_bregman", "gd_post": "squared_post", "md_post": "matching"}
+PAIRS = {name: rule.pair for name, rule in TARGET_RULES.items()}
 
 # Optimizer defaults where a field is left None (torch's for the torch-semantics ones, the paper's for rmsprop_tf1).
 _INNER_DEFAULTS = {

@@ -4,7 +4,8 @@ The block's linear transform z = op(x; W, b) is exported with W, b as initialize
 ``onnxblock`` loss appends the local loss of METHOD.md summed over the batch plus (λ/2)(‖W − W0‖² + ‖b − b0‖²),
 with W0, b0 extra graph inputs ("weight_ref", "bias_ref", only when λ > 0); ``generate_artifacts`` adds the
 gradient graph and an SGD / AdamW optimizer graph. :class:`lwcompile.runtime.ort.OrtTrainingBlock` runs them.
-The losses are written with each transfer row's ONNX node builders (``onnx_f``: f, ``onnx_F``: F with F' = f; see
+The losses are the ``onnx`` forms of :data:`lwcompile.passes.local_losses.LOSS_RULES`, written with each transfer
+row's ONNX node builders (``onnx_f``: f, ``onnx_F``: F with F' = f; see
 :mod:`lwcompile.passes.transfer_rows`); :func:`artifact_supported` says which (local loss, transfer) pairs they cover.
 
 With SGD, T training steps at learning rates lr·max(1 − k/T, 0.25) (or lr when the decay is off) are exactly the
@@ -33,36 +34,21 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from lwcompile.errors import ExportError
 from lwcompile.passes.linear_ops import LINEAR_OPS
+from lwcompile.passes.local_losses import LOSS_RULES
 from lwcompile.passes.onnx_decomp import prepare_graph, quiet, translate_prepared
 from lwcompile.passes.onnx_nodes import OnnxNodes
 from lwcompile.passes.transfer import TRANSFERS
 
-LOCAL_LOSSES = ("squared_pre", "squared_post", "matching", "dual_bregman")
-
-
-# which ONNX builders of the transfer row each local loss needs (onnx_f: f, onnx_F: F with F' = f)
-_NEEDS = {"squared_pre": (), "squared_post": ("onnx_f",), "matching": ("onnx_F",),
-          "dual_bregman": ("onnx_f", "onnx_F")}
+LOCAL_LOSSES = tuple(LOSS_RULES)
 
 
 def artifact_supported(local_loss: str, transfer: str) -> bool:
     """Whether training artifacts can express ``local_loss`` for blocks with ``transfer`` (its row has the ONNX
     builders the loss needs)."""
-    if local_loss not in _NEEDS:
+    if local_loss not in LOSS_RULES:
         return False
     row = TRANSFERS.get(transfer)
-    return all(row is not None and getattr(row, b) is not None for b in _NEEDS[local_loss])
-
-
-# One ONNX builder per local loss: (graph, f, F, z, a) -> the loss summed over every element; its z-gradient is
-# METHOD.md's residual (the same rows as lwcompile.passes.local_losses.LOSS_RULES).
-_ONNX_LOSSES = {
-    "squared_pre": lambda g, f, F, z, a: g.total(g.half_square(g("Sub", z, a))),  # ½Σ(z − a)²
-    "squared_post": lambda g, f, F, z, a: g.total(g.half_square(g("Sub", f(z), a))),  # ½Σ(f(z) − a)²
-    "matching": lambda g, f, F, z, a: g("Sub", g.total(F(z)), g.total(g("Mul", a, z))),  # ΣF(z) − Σ a·z
-    "dual_bregman": lambda g, f, F, z, a: g("Add", g.total(g("Sub", g("Mul", f(z), g("Sub", z, a)), F(z))),
-                                            g.total(F(a))),  # Σ[f(z)(z − a) − F(z) + F(a)]
-}
+    return all(row is not None and getattr(row, b) is not None for b in LOSS_RULES[local_loss].onnx_needs)
 
 
 def _local_loss(g: OnnxNodes, local_loss: str, transfer: str, kw: dict, z: str, a: str) -> str:
@@ -70,7 +56,7 @@ def _local_loss(g: OnnxNodes, local_loss: str, transfer: str, kw: dict, z: str, 
     row = TRANSFERS.get(transfer)
     f = lambda t: row.onnx_f(g, t, kw)  # noqa: E731
     F = lambda t: row.onnx_F(g, t, kw)  # noqa: E731
-    return _ONNX_LOSSES[local_loss](g, f, F, z, a)
+    return LOSS_RULES[local_loss].onnx(g, f, F, z, a)  # summed over every element
 
 
 def _loss_block(local_loss: str, transfer: str, tkw: dict, prox: float, params: list[str]):
@@ -120,8 +106,7 @@ def export_training_artifacts(block_op, weight: torch.Tensor, bias: torch.Tensor
     if local_loss not in LOCAL_LOSSES:
         raise ExportError(f"training artifacts: local loss {local_loss!r} unknown; known: {LOCAL_LOSSES}")
     if not artifact_supported(local_loss, transfer):
-        need = "onnx_f" if local_loss == "squared_post" else "onnx_F"
-        known = sorted(n for n, r in TRANSFERS.items() if getattr(r, need) is not None)
+        known = sorted(n for n in TRANSFERS if artifact_supported(local_loss, n))
         raise ExportError(f"training artifacts: transfer {transfer!r} not supported with the {local_loss} loss; "
                           f"supported: {known}. Export with training=False, or use local_loss='squared_pre'.")
     opts = dict(optimizer_options or {})

@@ -11,13 +11,17 @@ Example:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwcompile.passes.onnx_nodes import OnnxNodes
 from lwcompile.passes.transfer_rows.row import Kw, TransferRow, elementwise
+
+if TYPE_CHECKING:  # ONNX builders only call its methods: onnx is not imported to define a row
+    from lwcompile.passes.onnx_nodes import OnnxNodes
 
 aten = torch.ops.aten
 

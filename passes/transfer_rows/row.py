@@ -16,11 +16,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from lwcompile.passes.onnx_nodes import OnnxBuilder
+if TYPE_CHECKING:  # ONNX builders only call its methods: onnx is not imported to define a row
+    from lwcompile.passes.onnx_nodes import OnnxBuilder
+
 
 Kw = dict[str, Any]
 # (call target, positional args after the input, the options read, z's shape) -> the options to keep, or why the
@@ -43,8 +45,8 @@ class TransferRow:
     functions: tuple[Any, ...] = ()  # Python-level spellings (symbolic tracing), torch.library ops
     aten: tuple[Any, ...] = ()  # ATen overloads (torch.export); in-place ones are made out of place before
     methods: tuple[str, ...] = ()  # torch.Tensor method names
-    onnx_f: OnnxBuilder | None = None
-    onnx_F: OnnxBuilder | None = None
+    onnx_f: "OnnxBuilder | None" = None
+    onnx_F: "OnnxBuilder | None" = None
     accept: Accept | None = None
 
     def __post_init__(self) -> None:
