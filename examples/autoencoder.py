@@ -3,7 +3,7 @@
 The paper's recipe (LocoProp-M on MNIST): batch 1000, γ = 10, T = 10 inner iterations of TF1-style RMSProp
 (momentum 0.999, decay 0.9, ε = 1e-5) with inner step lr·max(1 − k/T, 0.25), base inner lr 1e-5 with the
 official code's per-epoch schedule (linear warm-up e/5 over 5 epochs, so epoch 0 runs at lr 0, then linear
-decay 1 − (e + 1 − 5)/95), no proximal term. The train loss logged per epoch is the official code's: the task
+decay 1 − (e + 1 − 5)/95; Config's inner-lr schedule fields from ``reference_schedule``), no proximal term. The train loss logged per epoch is the official code's: the task
 loss over the whole training set at the end of the epoch (the mean of the epoch's batch losses is logged too).
 
     python examples/autoencoder.py                          # MNIST at ../shared/data/mnist if present, 5 epochs
