@@ -24,10 +24,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from lwcompile.errors import ConfigError, ExportError
-from lwcompile.passes.inner import inner_lr_factor
+from lwcompile.errors import ConfigError, ExportError, LwcompileError
+from lwcompile.ir import as_tuple
+from lwcompile.labels import infer_example_labels
+from lwcompile.passes.inner import build_inner_graph, inner_example, inner_lr_factor
+from lwcompile.passes.onnx_dynamic import check_batch_dynamic, symbolic_examples
+from lwcompile.passes.onnx_export import examples_from_meta
 from lwcompile.passes.onnx_files import GraphExport, TrainingExport, check_out_dir, export_onnx_dir, safe_name
 from lwcompile.passes.onnx_training import artifact_supported
+from lwcompile.passes.targets import build_target_graph, make_target_fn
 
 
 def refuse_unexportable(prog, training: bool) -> None:
@@ -69,18 +74,21 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
         ['inner_0.onnx', 'inner_2.onnx']
     """
     check_out_dir(out_dir, overwrite)  # refuse before building graphs (slow, and it changes prog); rechecked later
-    if example_labels is not None:
-        prog.build_target_graph(example_labels)
-    tg, sig = prog.target_graph, prog.target_signature
+    inputs, labels = export_examples(prog, example_labels)
+    tg = prog.build_target_graph(labels, inputs)  # checks the labels; gives the signature and example batch
+    sig = prog.target_signature
     where = _device_map(devices, [b.name for b in prog.blocks])
     batch = _batch_sizes(tg, sig)
-    graphs = [GraphExport("target", tg, None, sig.input_names, sig.output_names, kind="target", file="target.onnx")]
+    dyn_tg, tex = dynamic_target_graph(prog, sig, inputs, labels)
+    graphs = [GraphExport("target", dyn_tg, tex, sig.input_names, sig.output_names, kind="target",
+                          file="target.onnx")]
     train, skipped = [], {}
     cfg = prog.config
     for b in prog.blocks:
         ins, outs = prog.inner_io_names(b.name)
-        graphs.append(GraphExport(f"inner/{b.name}", prog.inner_graph(b.name, batch[b.name]), None, ins, outs,
-                                  block=b.name, device=where.get(b.name), kind="inner", file=_inner_file(b.name)))
+        gm, ex = dynamic_inner_graph(prog, b, batch[b.name])
+        graphs.append(GraphExport(f"inner/{b.name}", gm, ex, ins, outs, block=b.name, device=where.get(b.name),
+                                  kind="inner", file=_inner_file(b.name)))
         if not training:
             continue
         if not artifact_supported(cfg.local_loss, b.transfer):
@@ -89,11 +97,12 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
         weight = _value(prog, b.weight).float()
         bias = None if b.bias is None else _value(prog, b.bias).float()
         shape = lambda s: (batch[b.name], *s[1:])  # noqa: E731
+        xt = symbolic_examples([torch.zeros(shape(b.input_shape)), torch.zeros(shape(b.output_shape))],
+                               [True, True]).tensors
         train.append(TrainingExport(b.name, dict(
-            block_op=b, weight=weight, bias=bias, x_example=torch.zeros(shape(b.input_shape)),
-            target_example=torch.zeros(shape(b.output_shape)), transfer=b.transfer, local_loss=cfg.local_loss,
-            prox=float(cfg.prox), optimizer=optimizer, opset=opset), device=where.get(b.name),
-            subdir=_training_dir(b.name)))
+            block_op=b, weight=weight, bias=bias, x_example=xt[0], target_example=xt[1], transfer=b.transfer,
+            local_loss=cfg.local_loss, prox=float(cfg.prox), optimizer=optimizer, opset=opset),
+            device=where.get(b.name), subdir=_training_dir(b.name)))
     arrays = program_arrays(prog)
     program = program_manifest(prog, where, batch, {t.block for t in train}, arrays)
     meta = {"blocks": [b.name for b in prog.blocks], "training_skipped": skipped}
@@ -104,6 +113,58 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
         raise
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"exporting the program to {out_dir} failed: {type(e).__name__}: {e}") from e
+
+
+def export_examples(prog, example_labels: Any = None) -> tuple[tuple, tuple]:
+    """The example inputs and labels the exported graphs are traced for (only shapes and dtypes matter; the
+    graphs run any batch size). Labels: ``example_labels``, else ``prog.example_labels`` (given to
+    ``lwcompile.transform``), else those of the last step's target graph (with its inputs), else inferred from a
+    standard loss (:mod:`lwcompile.labels`); else :class:`ExportError`."""
+    if example_labels is not None:
+        return prog.example_inputs, as_tuple(example_labels)
+    if prog.example_labels is not None:
+        return prog.example_inputs, prog.example_labels
+    try:
+        tg, sig = prog.target_graph, prog.target_signature
+    except LwcompileError:
+        pass
+    else:
+        ex = examples_from_meta(tg, "target")
+        first = len(sig.params) + len(sig.buffers)
+        return ex[first:first + sig.n_inputs], ex[first + sig.n_inputs:]
+    labels = infer_example_labels(prog.model, prog.example_inputs, prog.loss_fn)
+    if labels is None:
+        raise ExportError(f"export needs example labels for the loss {getattr(prog.loss_fn, '__name__', prog.loss_fn)!r}"
+                          " (the target graph is traced for their shape and dtype): pass export_onnx(dir, "
+                          "example_labels=...) or lwcompile.transform(..., example_labels=...), or call prog.step "
+                          "once. Standard losses (MSE, L1, SmoothL1, Huber, BCE, cross-entropy, NLL) need none.")
+    return prog.example_inputs, labels
+
+
+def dynamic_target_graph(prog, sig, inputs: tuple, labels: tuple) -> tuple[torch.fx.GraphModule, tuple]:
+    """The target graph traced again with a symbolic batch (the first dimension of every input and label), and
+    the fake examples it was traced on; :class:`ExportError` when the model or loss fixes the batch size."""
+    gm0 = prog.trace_result.graph_module
+    params = [gm0.get_parameter(n) for n in sig.params]
+    fn = make_target_fn(prog.tapped, prog.blocks, prog.loss_fn, sig, prog.config.target, prog.config.gamma,
+                        prog.trace_result.out_spec, param_tensors=params)
+    flat = sig.pack(dict(zip(sig.params, params)), {n: gm0.get_buffer(n) for n in sig.buffers}, inputs, labels)
+    fixed = len(sig.params) + len(sig.buffers)
+    ex = symbolic_examples(flat, [i >= fixed and t.dim() > 0 for i, t in enumerate(flat)])
+    recurrent = any(isinstance(m, torch.nn.RNNBase) for m in prog.model.modules())
+    gm = build_target_graph(fn, ex.tensors, recurrent=recurrent)
+    check_batch_dynamic(ex, "target")
+    return gm, ex.tensors
+
+
+def dynamic_inner_graph(prog, block, batch: int) -> tuple[torch.fx.GraphModule, tuple]:
+    """Block ``block``'s inner-update graph traced with a symbolic batch (the first dimension of x and target)."""
+    example = inner_example(block, prog.config, batch, dtype=_value(prog, block.weight).dtype)
+    n = len(prog.inner_signature(block.name).params)  # x and target follow the parameters
+    ex = symbolic_examples(example, [i in (n, n + 1) for i in range(len(example))])
+    gm = build_inner_graph(block, prog.config, ex.tensors)
+    check_batch_dynamic(ex, f"inner/{block.name}")
+    return gm, ex.tensors
 
 
 def _inner_file(block: str) -> str:

@@ -38,6 +38,7 @@ from lwcompile.errors import ExportError
 from lwcompile.passes.onnx_decomp import (MAX_IR_VERSION, GraphWrapper, dynamo_export, export_decompositions,
                                           UnsupportedOpsError, placeholder_names, prepare_graph,
                                           translate_prepared)
+from lwcompile.passes.onnx_dynamic import SYM_DECOMPOSITIONS, name_batch_dims
 from lwcompile.passes.onnx_files import FORMAT, GraphExport, TrainingExport, describe_model, export_onnx_dir
 from lwcompile.passes.onnx_training import export_training_artifacts
 from lwcompile.ir import MUTATED_PREFIX
@@ -87,6 +88,7 @@ def graph_to_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tenso
             raise
         model, out_names = _lower(gm, example_inputs, in_names, output_names, opset, graph_name, fast=False)
     _pin_scalar_outputs(model)
+    name_batch_dims(model, example_inputs)
     model.graph.name = re.sub(r"\W", "_", graph_name) or "graph"
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
@@ -101,7 +103,7 @@ def _lower(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], in_
            ) -> tuple[onnx.ModelProto, list[str]]:
     """Re-trace (functional, decomposed) and translate; returns the model and its output names."""
     try:
-        prep = prepare_graph(gm, example_inputs, export_decompositions(full=fast))
+        prep = prepare_graph(gm, example_inputs, export_decompositions(full=fast) | SYM_DECOMPOSITIONS)
     except ExportError as e:
         raise ExportError(f"graph {graph_name!r}: {e}") from e
     except NotImplementedError as e:
@@ -138,7 +140,8 @@ def export_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[torch
 
     Inputs keep ``input_names`` (default: the placeholders' names); outputs are ``output_names`` (default
     ``out0, out1, ...``) followed by ``new__<input>`` for every input the graph mutates in place. Shapes are the
-    example inputs' (static). ``example_inputs=None`` uses zeros shaped like the placeholders' make_fx metadata.
+    example inputs': static, or symbolic where they are fake tensors with symbolic sizes
+    (:func:`lwcompile.passes.onnx_dynamic.symbolic_examples`, the batch dimension named ``"batch"``). ``example_inputs=None`` uses zeros shaped like the placeholders' make_fx metadata.
     """
     name = graph_name or os.path.splitext(os.path.basename(path))[0]
     model = graph_to_onnx(gm, example_inputs, input_names, output_names, opset, name)
