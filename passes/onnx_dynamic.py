@@ -5,7 +5,7 @@ mean over the batch. Exported graphs are therefore traced from their Python func
 whose first dimension is a symbol (:func:`symbolic_examples`): every size computed from it stays an expression
 (``sym_size``, ``operator.mul``, ...) that the ONNX graph computes from its inputs' shapes at run time.
 
-- ``SYM_DECOMPOSITIONS``: ``aten.sym_numel`` (what ``mean`` and ``mse_loss``'s backward divide by) as the product
+- :func:`lower_sym_numel`: ``aten.sym_numel`` (what ``mean`` and ``mse_loss``'s backward divide by) as the product
   of its sizes, which torchlib translates (it has no translation of ``sym_numel`` itself).
 - :func:`check_batch_dynamic` refuses (:class:`ExportError`) a graph whose trace fixed the batch size (a guard
   such as ``Eq(s0, 16)``: a literal size in the model or loss), naming the guard and the line that made it.
@@ -17,12 +17,14 @@ Example:
     >>> ex = symbolic_examples([torch.zeros(16, 4), torch.zeros(4)], [True, False])
     >>> gm = make_fx(lambda x, w: (x * w).mean(0), tracing_mode="fake")(*ex.tensors)
     >>> check_batch_dynamic(ex, "demo")   # nothing fixed the batch
-    >>> ex.batch_name()
-    's0'
+    >>> ex.batch_name() == str(gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape[0])
+    True
 """
 from __future__ import annotations
 
 import math
+import operator
+import os
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -37,6 +39,7 @@ from lwcompile.errors import ExportError
 
 aten = torch.ops.aten
 BATCH = "batch"
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 @dataclass
@@ -57,28 +60,59 @@ class SymbolicExamples:
         return None if expr is None else str(expr)
 
 
-def symbolic_examples(tensors: Sequence[torch.Tensor], dynamic: Sequence[bool]) -> SymbolicExamples:
-    """Fake copies of ``tensors`` (values never read) in one new fake mode; where ``dynamic[i]``, tensor i's first
-    dimension is symbolic. Sizes are not duck-typed: equal sizes are only the same symbol when the trace proves it
-    (an example batch equal to a feature width stays two symbols)."""
+def symbolic_examples(tensors: Sequence[torch.Tensor], dynamic: Sequence[bool | Sequence[int]]) -> SymbolicExamples:
+    """Fake copies of ``tensors`` (values never read) in one new fake mode; ``dynamic[i]`` lists the dimensions of
+    tensor i that are symbolic (True: the first one). Sizes are not duck-typed: equal sizes are only the same symbol
+    when the trace proves it (an example batch equal to a feature width stays two symbols)."""
     mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
     out, batch = [], None
     for i, (t, dyn) in enumerate(zip(tensors, dynamic)):
         t = t.detach()
-        sizes = [DimDynamic.DYNAMIC if dyn and d == 0 else DimDynamic.STATIC for d in range(t.dim())]
+        dims = (0,) if dyn is True else () if dyn is False else tuple(dyn)
+        sizes = [DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(t.dim())]
         f = mode.from_tensor(t, source=ConstantSource(f"example{i}"),
                              symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
-        if batch is None and dyn and t.dim() > 0 and isinstance(f.shape[0], torch.SymInt):
-            batch = f.shape[0]
+        if batch is None and dims and t.dim() > dims[0] and isinstance(f.shape[dims[0]], torch.SymInt):
+            batch = f.shape[dims[0]]
         out.append(f)
     return SymbolicExamples(mode, tuple(out), batch)
 
 
-def _sym_numel(x: torch.Tensor):
-    return math.prod(x.shape)  # SymInt products are traced as operator.mul of sym_size nodes
+def lower_sym_numel(gm: torch.fx.GraphModule) -> None:
+    """Replace every ``aten.sym_numel(x)`` node (make_fx records one for ``x.numel()`` of a symbolic tensor, e.g.
+    the ``N`` of a mean) by the product of ``x``'s sizes: ``sym_size.int`` nodes for the symbolic ones times the
+    static ones, which torchlib translates (it has no translation of ``sym_numel``)."""
+    g = gm.graph
+    hits = [n for n in g.nodes if n.op == "call_function" and n.target is aten.sym_numel.default]
+    for n in hits:
+        x = n.args[0]
+        shape = x.meta["val"].shape
+        static = math.prod(int(s) for s in shape if not isinstance(s, torch.SymInt))
+        acc = None
+        with g.inserting_before(n):
+            for d, s in enumerate(shape):
+                if not isinstance(s, torch.SymInt):
+                    continue
+                size = g.call_function(aten.sym_size.int, (x, d))
+                size.meta["val"] = s
+                acc = size if acc is None else _mul(g, acc, size)
+            acc = static if acc is None else acc if static == 1 else _mul(g, acc, static)
+        n.replace_all_uses_with(acc) if isinstance(acc, torch.fx.Node) else _replace_by_constant(n, acc)
+        g.erase_node(n)
+    if hits:
+        g.lint()
+        gm.recompile()
 
 
-SYM_DECOMPOSITIONS = {aten.sym_numel.default: _sym_numel}
+def _mul(g: torch.fx.Graph, a: torch.fx.Node, b) -> torch.fx.Node:
+    node = g.call_function(operator.mul, (a, b))
+    node.meta["val"] = a.meta["val"] * (b.meta["val"] if isinstance(b, torch.fx.Node) else b)
+    return node
+
+
+def _replace_by_constant(n: torch.fx.Node, value: int) -> None:
+    for user in list(n.users):
+        user.replace_input_with(n, value)
 
 
 def _mentions(expr, symbol) -> bool:
@@ -86,8 +120,9 @@ def _mentions(expr, symbol) -> bool:
 
 
 def check_batch_dynamic(ex: SymbolicExamples, graph_name: str) -> None:
-    """Refuse when the trace fixed or bounded the batch size: a guard on the batch symbol other than the trivial
-    ones (equal to another symbol, or ``> 1`` / ``!= 1``, which every batch of two or more meets)."""
+    """Refuse when the trace fixed the batch size, or when code outside torch (the model's or the loss's Python)
+    tested it beyond what every batch of two or more meets (equal to another symbol, ``> 1``, ``!= 1``): the graph
+    would be the one for that branch only."""
     if ex.batch is None:
         return
     expr = ex.batch_expr()
@@ -100,8 +135,8 @@ def check_batch_dynamic(ex: SymbolicExamples, graph_name: str) -> None:
     sym = next(iter(expr.free_symbols))
     for g in env.guards:
         e = g.expr
-        if not _mentions(e, sym) or _trivial(e, sym):
-            continue
+        if not _mentions(e, sym) or _trivial(e, sym) or _TORCH_DIR in _where(g):
+            continue  # torch's own size tests pick kernels and memory formats (conv: batch < 16), not results
         raise ExportError(f"graph {graph_name!r} cannot be made batch-dynamic: its trace requires {e} of the batch "
                           f"size {sym} (from {_where(g)}), so the ONNX graph would not hold for every batch. Use "
                           "sizes computed from the input (x.shape[0], or -1 in view/reshape) instead of literal sizes.")
@@ -137,13 +172,14 @@ def _where(guard) -> str:
 
 
 def name_batch_dims(model: onnx.ModelProto, examples: Sequence[torch.Tensor]) -> None:
-    """Rename the batch symbol (the first symbolic first dimension among ``examples``) to ``"batch"`` in the
+    """Rename the batch symbol (the first symbolic size among ``examples``) to ``"batch"`` in the
     model's inputs, outputs and value infos (expressions such as ``5*s0`` too)."""
     name = None
     for t in examples:
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and isinstance(t.shape[0], torch.SymInt):
-            env = t.shape[0].node.shape_env
-            name = str(env.replace(t.shape[0].node.expr))
+        dims = symbolic_dims(t) if isinstance(t, torch.Tensor) else ()
+        if dims:
+            size = t.shape[dims[0]]
+            name = str(size.node.shape_env.replace(size.node.expr))
             break
     if name is None or not re.fullmatch(r"[a-z]+\d+", name):
         return
@@ -155,6 +191,6 @@ def name_batch_dims(model: onnx.ModelProto, examples: Sequence[torch.Tensor]) ->
                 d.dim_param = pattern.sub(BATCH, d.dim_param)
 
 
-def is_symbolic(examples: Sequence[torch.Tensor]) -> bool:
-    """Whether any example has a symbolic size (a batch-dynamic trace)."""
-    return any(isinstance(s, torch.SymInt) for t in examples if isinstance(t, torch.Tensor) for s in t.shape)
+def symbolic_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of a traced value (an FX node's ``meta["val"]``) whose size is symbolic."""
+    return tuple(i for i, s in enumerate(t.shape) if isinstance(s, torch.SymInt))

@@ -38,7 +38,7 @@ from lwcompile.errors import ExportError
 from lwcompile.passes.onnx_decomp import (MAX_IR_VERSION, GraphWrapper, dynamo_export, export_decompositions,
                                           UnsupportedOpsError, placeholder_names, prepare_graph,
                                           translate_prepared)
-from lwcompile.passes.onnx_dynamic import SYM_DECOMPOSITIONS, name_batch_dims
+from lwcompile.passes.onnx_dynamic import name_batch_dims
 from lwcompile.passes.onnx_files import FORMAT, GraphExport, TrainingExport, describe_model, export_onnx_dir
 from lwcompile.passes.onnx_training import export_training_artifacts
 from lwcompile.ir import MUTATED_PREFIX
@@ -103,7 +103,7 @@ def _lower(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], in_
            ) -> tuple[onnx.ModelProto, list[str]]:
     """Re-trace (functional, decomposed) and translate; returns the model and its output names."""
     try:
-        prep = prepare_graph(gm, example_inputs, export_decompositions(full=fast) | SYM_DECOMPOSITIONS)
+        prep = prepare_graph(gm, example_inputs, export_decompositions(full=fast))
     except ExportError as e:
         raise ExportError(f"graph {graph_name!r}: {e}") from e
     except NotImplementedError as e:
