@@ -134,7 +134,7 @@ def check_batch_dynamic(ex: SymbolicExamples, graph_name: str) -> None:
                           "batch sizes in the model and loss.")
     sym = next(iter(expr.free_symbols))
     for g in env.guards:
-        e = g.expr
+        e = env.replace(g.expr)  # in terms of the unified symbols (a label's batch is the input's)
         if not _mentions(e, sym) or _trivial(e, sym) or _TORCH_DIR in _where(g):
             continue  # torch's own size tests pick kernels and memory formats (conv: batch < 16), not results
         raise ExportError(f"graph {graph_name!r} cannot be made batch-dynamic: its trace requires {e} of the batch "

@@ -5,8 +5,10 @@
 - ``lwcompile export --loss cross_entropy`` exports class-index (int64) labels by itself.
 - The exported target graph, run in onnxruntime at a batch size other than the example's, equals the graph torch
   traces for that batch (the oracle) to 1e-5 relative.
-- A model that fixes the batch size (a literal size in a reshape) is refused, naming the batch-size guard, and
-  nothing is written.
+- A model that fixes the batch size (a literal size in a reshape), or a loss that branches on it, is refused,
+  naming the batch-size guard and where it came from, and nothing is written.
+- Inner graphs read each optimizer slot from its own input (Adam's m and v, RMSprop's mean square and momentum),
+  checked against the eager function they are traced from.
 """
 from __future__ import annotations
 
@@ -98,10 +100,18 @@ class _FixedBatch(nn.Module):
         return self.fc(x).reshape(8, 3, 2).sum(1)  # the literal 8 is the example's batch size
 
 
-def test_a_model_that_fixes_the_batch_size_is_refused(tmp_path):
+def _batch_dependent_loss(out, y):
+    return F.mse_loss(out, y) if out.shape[0] > 8 else F.l1_loss(out, y)  # a branch on the batch size
+
+
+def test_a_model_or_loss_that_fixes_the_batch_size_is_refused(tmp_path):
     prog = lwcompile.transform(_FixedBatch(), F.mse_loss, torch.randn(8, 4))
     assert np.isfinite(prog.step(torch.randn(8, 4), torch.randn(8, 2)))  # torch trains it at that batch
     with pytest.raises(ExportError, match=r"graph 'target' cannot be made batch-dynamic.*fixed the batch size to 8"):
+        prog.export_onnx(str(tmp_path / "out"))
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    prog = lwcompile.transform(m, _batch_dependent_loss, torch.randn(16, 3), example_labels=torch.zeros(16, 2))
+    with pytest.raises(ExportError, match=r"batch-dynamic.*> 8.*in _batch_dependent_loss"):
         prog.export_onnx(str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
 
