@@ -184,8 +184,26 @@ def dynamic_target_graph(prog, sig, inputs: tuple, labels: tuple, static: torch.
         raise ExportError(f"graph 'target' cannot be made batch-dynamic: tracing it with a symbolic batch size "
                           f"failed ({str(e.__cause__ or e).splitlines()[0]}). Use sizes computed from the input "
                           "(x.shape[0], or -1 in view/reshape) in the model and loss.") from e
-    check_batch_dynamic(ex, "target")
+    try:
+        check_batch_dynamic(ex, "target")
+    except ExportError as e:
+        raise ExportError(f"{e}{literal_batch_nodes(prog.tapped, inputs)}") from None
     return gm, ex.tensors
+
+
+def literal_batch_nodes(gm: torch.fx.GraphModule, inputs: tuple) -> str:
+    """A hint naming the model graph's nodes that take the example batch size as a literal argument."""
+    batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    hits = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        leaves = torch.utils._pytree.tree_leaves((n.args, n.kwargs))
+        if batch is not None and any(type(a) is int and a == batch for a in leaves):
+            hits.append(f"{n.name!r} ({n.format_node()})")
+    if not hits:
+        return ""
+    return f" The model's graph passes the example batch size {batch} as a literal to: {'; '.join(hits[:3])}."
 
 
 def block_shapes(static: torch.fx.GraphModule, dynamic: torch.fx.GraphModule, sig) -> dict:
