@@ -67,8 +67,8 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
     optimizer where onnxruntime-training has it (:data:`ARTIFACT_OPTIMIZER`: gd as "sgd", adam as "adam") and
     uses "sgd" otherwise; "sgd"; "adam" (onnxruntime's AdamW in torch mode without weight decay: torch.optim.Adam,
     the config's betas and eps); "adamw" (onnxruntime's Hugging Face AdamW, see ``export_training_artifacts``).
-    ``out_dir`` must be missing or empty, or (``overwrite=True``) a previous export holding nothing else: anything else raises
-    :class:`ExportError` before the program or the directory is touched.
+    ``out_dir`` must be missing or empty, or (``overwrite=True``) a previous export holding nothing else: anything
+    else raises :class:`ExportError` before the program or the directory is touched.
 
     Example:
         >>> import torch, lwcompile
@@ -157,10 +157,11 @@ def export_examples(prog, example_labels: Any = None) -> tuple[tuple, tuple]:
         return ex[first:first + sig.n_inputs], ex[first + sig.n_inputs:]
     labels = infer_example_labels(prog.model, prog.example_inputs, prog.loss_fn)
     if labels is None:
-        raise ExportError(f"export needs example labels for the loss {getattr(prog.loss_fn, '__name__', prog.loss_fn)!r}"
-                          " (the target graph is traced for their shape and dtype): pass export_onnx(dir, "
-                          "example_labels=...) or lwcompile.transform(..., example_labels=...), or call prog.step "
-                          "once. Standard losses (MSE, L1, SmoothL1, Huber, BCE, cross-entropy, NLL) need none.")
+        name = getattr(prog.loss_fn, "__name__", type(prog.loss_fn).__name__)
+        raise ExportError(f"export needs example labels for the loss {name!r} (the target graph is traced for "
+                          "their shape and dtype): pass export_onnx(dir, example_labels=...) or "
+                          "lwcompile.transform(..., example_labels=...), or call prog.step once. Standard losses "
+                          "(MSE, L1, SmoothL1, Huber, BCE, cross-entropy, NLL) need none.")
     return prog.example_inputs, labels
 
 

@@ -141,7 +141,8 @@ def export_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[torch
     Inputs keep ``input_names`` (default: the placeholders' names); outputs are ``output_names`` (default
     ``out0, out1, ...``) followed by ``new__<input>`` for every input the graph mutates in place. Shapes are the
     example inputs': static, or symbolic where they are fake tensors with symbolic sizes
-    (:func:`lwcompile.passes.onnx_dynamic.symbolic_examples`, the batch dimension named ``"batch"``). ``example_inputs=None`` uses zeros shaped like the placeholders' make_fx metadata.
+    (:func:`lwcompile.passes.onnx_dynamic.symbolic_examples`, the batch dimension named ``"batch"``).
+    ``example_inputs=None`` uses zeros shaped like the placeholders' make_fx metadata.
     """
     name = graph_name or os.path.splitext(os.path.basename(path))[0]
     model = graph_to_onnx(gm, example_inputs, input_names, output_names, opset, name)

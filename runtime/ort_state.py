@@ -118,8 +118,9 @@ def load_state_dict(run, state: Mapping[str, Any]) -> None:
             _same(f"block {b!r} inner state {i}", v, w)
     nonblock = set(run.program["outer"]["params"])
     if outer and (run.outer is None or not set(outer) <= nonblock):
-        raise LwcompileError(f"OrtProgram.load_state_dict: outer-optimizer state for {sorted(set(outer) - nonblock)[:5]}"
-                             " which this run's outer optimizer does not step; nothing was loaded.")
+        extra = sorted(set(outer) - nonblock)[:5]
+        raise LwcompileError(f"OrtProgram.load_state_dict: outer-optimizer state for {extra}, which this run's outer "
+                             "optimizer does not step; nothing was loaded.")
     run.params, run.buffers, run.inner_state = params, buffers, inner
     if run.outer is not None:
         run.outer.load_state(outer)

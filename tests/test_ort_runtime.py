@@ -247,7 +247,8 @@ def test_export_after_steps_continues_where_the_program_was(exported, cli_export
     before = again.weights()
     with pytest.raises(LwcompileError, match="nothing was loaded"):
         again.load_state_dict(bad)
-    assert all(np.array_equal(v, again.weights()[k]) for k, v in before.items()) and again.step_count == saved["step_count"] + len(exported.data[3:])
+    assert all(np.array_equal(v, again.weights()[k]) for k, v in before.items())
+    assert again.step_count == saved["step_count"] + len(exported.data[3:])
 
 
 @pytest.mark.parametrize("exported", ["mlp"], indirect=True)  # inner Adam
