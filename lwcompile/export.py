@@ -34,6 +34,7 @@ from lwcompile.passes.onnx_export import examples_from_meta, graph_to_onnx
 from lwcompile.passes.onnx_files import GraphExport, TrainingExport, check_out_dir, export_onnx_dir, safe_name
 from lwcompile.passes.onnx_training import artifact_supported
 from lwcompile.passes.targets import build_target_graph, make_target_fn
+from lwcompile.runtime.ort import EXACT_ARTIFACT_OPTIMIZER
 
 
 def refuse_unexportable(prog, training: bool) -> None:
@@ -122,8 +123,8 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
 
 
 # inner optimizer -> the artifacts' optimizer that reproduces it exactly (onnxruntime-training has SGD and AdamW;
-# AdamW in torch mode without weight decay is torch.optim.Adam, which the inner "adam" is)
-ARTIFACT_OPTIMIZER = {"gd": "sgd", "adam": "adam"}
+# AdamW in torch mode without weight decay is torch.optim.Adam, which the inner "adam" is); the runtime's table
+ARTIFACT_OPTIMIZER = EXACT_ARTIFACT_OPTIMIZER
 
 
 def artifact_optimizer(cfg, optimizer: str) -> tuple[str, dict, int | None]:
