@@ -52,6 +52,9 @@ class Program:
         (['0', '2'], <class 'float'>)
     """
 
+    # labels to trace the target graph for at export (set by lwcompile.transform(..., example_labels=))
+    example_labels: tuple | None = None
+
     def __init__(self, model: nn.Module, loss_fn: Callable, example_inputs: tuple, config: Config) -> None:
         self.model, self.loss_fn, self.config, self.example_inputs = model, loss_fn, config, example_inputs
         self._inner_lr = float(config.inner_lr)

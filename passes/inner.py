@@ -74,7 +74,9 @@ def inner_example(block: Block, config: Config, batch: int | None = None,
     if block.bias_shape is not None:
         params.append(torch.zeros(block.bias_shape, dtype=dtype))
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
-    state = opt.init(tuple(params))
+    # clones: init may return one zeros tensor for two slots (Adam's m and v), and make_fx traces one tensor
+    # passed twice as one placeholder, so the graph would read the second slot's input for both
+    state = tuple(s.clone() for s in opt.init(tuple(params)))
     x = torch.zeros((b, *block.input_shape[1:]), dtype=dtype)
     t = torch.zeros((b, *block.output_shape[1:]), dtype=dtype)
     return (*params, x, t, torch.tensor(config.inner_lr, dtype=dtype), *state)

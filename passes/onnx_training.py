@@ -172,7 +172,8 @@ def _base_model(block_op: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     del base.graph.input[:]
     base.graph.input.extend(inputs)
     base.graph.initializer.extend(numpy_helper.from_array(v.cpu().numpy(), k) for k, v in values.items())
-    base.graph.input.append(helper.make_tensor_value_info("target", TensorProto.FLOAT, list(target_example.shape)))
+    base.graph.input.append(helper.make_tensor_value_info(  # a symbolic (batch) size becomes a named dimension
+        "target", TensorProto.FLOAT, [d if isinstance(d, int) else str(d) for d in target_example.shape]))
     if prox > 0:
         for p, v in values.items():
             base.graph.input.append(helper.make_tensor_value_info(p + "_ref", TensorProto.FLOAT, list(v.shape)))
