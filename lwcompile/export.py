@@ -93,7 +93,7 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
     cfg = prog.config
     art_opt, art_opts, mode = artifact_optimizer(cfg, optimizer)
     for b in prog.blocks:
-        ins, outs = prog.inner_io_names(b.name)
+        ins, outs = prog.inner_signature(b.name).names()
         gm, ex = dynamic_inner_graph(prog, b, shapes[b.name])
         graphs.append(GraphExport(f"inner/{b.name}", gm, ex, ins, outs, block=b.name, device=where.get(b.name),
                                   kind="inner", file=_inner_file(b.name)))
@@ -310,7 +310,7 @@ def program_manifest(prog, devices: Mapping[str, str], batch: Mapping[str, int],
     ins = sig.input_names
     blocks = []
     for b in prog.blocks:
-        i_names, o_names = prog.inner_io_names(b.name)
+        i_names, o_names = prog.inner_signature(b.name).names()
         state = [n for n in i_names if n.startswith("state")]
         blocks.append({"name": b.name, "op": b.op, "transfer": b.transfer, "weight": b.weight, "bias": b.bias,
                        "params": list(b.params), "file": _inner_file(b.name), "inputs": i_names, "outputs": o_names,

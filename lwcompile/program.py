@@ -209,15 +209,17 @@ class Program:
         inputs = self.example_inputs if example_inputs is None else as_tuple(example_inputs)
         return self._target_for(inputs, as_tuple(example_labels))[0]
 
-    def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None) -> fx.GraphModule:
+    def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None,
+                    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> fx.GraphModule:
         """The inner-update GraphModule of block ``name`` for a batch size (default: the example's) and dtype
-        (default: the block weight's)."""
+        (default: the block weight's); ``shapes`` = (input shape, target shape) overrides the batch size."""
         block = self._block(name)
         b = block.input_shape[0] if batch is None else batch
         dtype = self._param(block.weight).dtype if dtype is None else dtype
-        key = (name, b, dtype)
+        xs, ts = shapes if shapes is not None else ((b, *block.input_shape[1:]), (b, *block.output_shape[1:]))
+        key = (name, tuple(xs), tuple(ts), dtype)
         if key not in self._inner_cache:
-            example = inner_example(block, self.config, b, dtype=dtype)
+            example = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts))
             self._inner_cache[key] = build_inner_graph(block, self.config, example)
         return self._inner_cache[key]
 
@@ -230,13 +232,9 @@ class Program:
         """Block ``name``'s inner graph signature (inputs and outputs by name)."""
         return self._inner_sigs[self._block(name).name]
 
-    def inner_io_names(self, name: str) -> tuple[list[str], list[str]]:
-        return self.inner_signature(name).input_names, self.inner_signature(name).output_names
-
     def _block(self, name: str) -> Block:
-        found = [b for b in self.blocks if b.name == name]
-        if found:
-            return found[0]
+        for b in (b for b in self.blocks if b.name == name):
+            return b
         raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.blocks]}")
 
     # ------------------------------------------------------------------ the training step
@@ -272,7 +270,8 @@ class Program:
             lr = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
             args = self.inner_signature(b.name).pack([self._param(p).detach() for p in b.params], x,
                                                      targets[b.name].contiguous(), lr, self._inner_state[b.name])
-            jobs[b.name] = (self.inner_graph(b.name, x.shape[0], x.dtype), args)
+            shapes = (tuple(x.shape), tuple(targets[b.name].shape))
+            jobs[b.name] = (self.inner_graph(b.name, dtype=x.dtype, shapes=shapes), args)
         return jobs
 
     def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None,

@@ -21,7 +21,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lwcompile.config import Config
 from lwcompile.errors import LwcompileError, NonFiniteError
+from lwcompile.schedule import schedule_factor
 from lwcompile.runtime import ort_state
 from lwcompile.runtime.ort_optim import NumpyOptimizer, make_numpy_optimizer
 from lwcompile.ir import MUTATED_PREFIX, as_tuple
@@ -250,6 +252,8 @@ class OrtProgram:
         self.fingerprint = ort_state.manifest_fingerprint(self.manifest)  # what a saved state must match
         self.blocks = [b["name"] for b in prog["blocks"]]
         self.config = dict(prog["config"])
+        self._schedule = Config(**{k: v for k, v in self.config.items() if k.startswith("inner_lr_")
+                                   and k != "inner_lr_decay"})
         self.inner_lr = float(prog["inner"]["lr"])
         self.step_count = int(prog.get("step_count", 0))
         self.params = self._load(prog["params_file"], prog["params"])
@@ -354,13 +358,19 @@ class OrtProgram:
             blk = self._training[name]
             blk.set_params(dict(zip(blk.params, start)))
             factors = self.program["inner"]["lr_factors"]  # the inner step schedule, as the exporter wrote it
-            steps, lrs = len(factors), [self.inner_lr * f for f in factors]
+            steps, lrs = len(factors), [self.effective_inner_lr * f for f in factors]
             new = blk.train(x, target, steps=steps, lr=lrs[0], lr_schedule=lrs)
             return tuple(new[k].reshape(s.shape) for k, s in zip(blk.params, start))
         g = self._inner[name]
-        lr = np.asarray(self.inner_lr, np.float32)
+        lr = np.asarray(self.effective_inner_lr, np.float32)
         vals = dict(zip(b["inputs"], [*start, x, target, lr, *self.inner_state[name]]))
         return g.run(**vals)
+
+    @property
+    def effective_inner_lr(self) -> float:
+        """The next step's inner lr: ``inner_lr`` times the Config schedule's factor at ``step_count`` (the same
+        pure function :class:`lwcompile.Program` applies, so an exported program continues its schedule)."""
+        return self.inner_lr * schedule_factor(self._schedule, self.step_count)
 
     def _check(self, what: str, a: np.ndarray) -> None:
         if self.config.get("check_finite", True) and not np.isfinite(a).all():

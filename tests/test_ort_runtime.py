@@ -132,7 +132,7 @@ def test_every_exported_graph_matches_torch_on_fresh_inputs(exported):
     assert_matches(prog.target_graph, flat, str(out / files["target"]["file"]), ins, outs)
     # inner graphs: fresh weights, x, target; a small positive lr and positive optimizer state (second moments)
     for b in prog.blocks:
-        iins, iouts = prog.inner_io_names(b.name)
+        iins, iouts = prog.inner_signature(b.name).names()
         gm = prog.inner_graph(b.name)
         fix = {iins.index("lr"): lambda g, t: torch.tensor(1e-2)}
         fix |= {i: (lambda g, t: torch.rand(t.shape, generator=g) + 0.1)
@@ -149,7 +149,7 @@ def test_every_exported_graph_matches_torch_on_fresh_inputs(exported):
     out_node = next(n for n in other.graph.nodes if n.op == "output")
     shape = {k: tuple(v.meta["val"].shape) for k, v in zip(prog.target_signature.output_names, out_node.args[0])}
     for b in prog.blocks:  # (the batch need not be the first dimension: attention projections see (seq, batch, ·))
-        iins, iouts = prog.inner_io_names(b.name)
+        iins, iouts = prog.inner_signature(b.name).names()
         example = list(inner_example(b, prog.config, 1))
         k = iins.index("x")
         example[k:k + 2] = [torch.zeros(shape[f"block_input:{b.name}"]), torch.zeros(shape[f"target:{b.name}"])]
@@ -203,8 +203,6 @@ def test_five_steps_from_onnx_equal_prog_step_and_write_back(exported):
     run_.write_back(fresh)
     for name, t in fresh.state_dict().items():
         np.testing.assert_array_equal(t.numpy(), run_.weights()[name])
-    if exported.name == "tfm":
-        return  # prog.step picks inner graphs by their input's first size, which is not the batch in attention
     x, y = exported.data[0]
     n = max(x.shape[0] // 2, 1) + 1  # a partial last batch, then a larger one
     for xb, yb in [(x[:n], y[:n]), (torch.cat([x, x[:n]]), torch.cat([y, y[:n]]))]:
@@ -249,6 +247,29 @@ def test_export_after_steps_continues_where_the_program_was(exported, cli_export
         again.load_state_dict(bad)
     assert all(np.array_equal(v, again.weights()[k]) for k, v in before.items())
     assert again.step_count == saved["step_count"] + len(exported.data[3:])
+
+
+def test_an_exported_program_continues_its_inner_lr_schedule(tmp_path):
+    """The schedule is a pure function of step_count (Config fields), so the files continue it: each step's
+    loss equals prog.step's while the warm-up changes the inner lr every step."""
+    case = CASES["mlp"]
+    cfg = case.config.replace(inner_optimizer="gd", inner_lr=0.05, inner_lr_warmup_steps=4,
+                              inner_lr_warmup_start=0.25, inner_lr_anneal="linear", inner_lr_anneal_steps=3)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = [(case.x(g), case.y(g)) for _ in range(7)]
+    prog = lwcompile.transform(case.build(), case.loss, (data[0][0],), cfg)
+    for x, y in data[:2]:
+        prog.step(x, y)
+    prog.export_onnx(str(tmp_path / "sched"), training=False)
+    run_ = OrtProgram(tmp_path / "sched")
+    lrs = []
+    for x, y in data[2:]:
+        lrs.append(run_.effective_inner_lr)
+        assert lrs[-1] == pytest.approx(prog.effective_inner_lr, rel=1e-12)
+        got, ref = run_.step(x, y), prog.step(x, y)
+        assert abs(got - ref) <= LOSS_RTOL * abs(ref)
+    assert len(set(lrs)) >= 3  # the schedule really moved during the comparison
 
 
 @pytest.mark.parametrize("exported", ["mlp"], indirect=True)  # inner Adam
