@@ -105,7 +105,7 @@ TRAIN_EPILOG = """\
 MODULE:FACTORY
   MODULE is an importable module (mypkg.jobs, found on sys.path or in the current directory) or a path to a .py
   file (path/to/jobs.py). FACTORY is a callable in it that returns an lwcompile.TrainJob(model, loss_fn,
-  train_data, batch_size=None, eval_data=None, eval_fn=None, config=None, seed=0, inner_lr_schedule=None);
+  train_data, batch_size=None, eval_data=None, eval_fn=None, config=None, seed=0);
   see help(lwcompile.TrainJob). --arg KEY=VALUE passes keyword arguments to it.
 
 outputs (in --out)

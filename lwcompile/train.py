@@ -61,7 +61,6 @@ class TrainJob:
     eval_fn:       ``eval_fn(model)`` -> a float (column ``eval``) or a dict of named floats (one column each).
     config:        the :class:`~lwcompile.Config` to compile with (default: ``Config()``).
     seed:          seeds the data order of tensor data (the command line also seeds torch with it first).
-    inner_lr_schedule: ``epoch -> inner lr`` set at each epoch's start (default: the config's constant lr).
 
     Example:
         >>> import torch, lwcompile
@@ -79,7 +78,6 @@ class TrainJob:
     eval_fn: Callable[[nn.Module], Any] | None = None
     config: Config | None = None
     seed: int = 0
-    inner_lr_schedule: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -181,7 +179,7 @@ def train(job: TrainJob, options: TrainOptions) -> TrainResult:
              "checkpoint_every": options.checkpoint_every}
 
     if loop["step"] == 0 and not loop["curve"] and (evals is not None or job.eval_fn is not None):
-        row = {"step": 0, "epoch": 0, "batch": 0, "loss": None, "inner_lr": prog.inner_lr}
+        row = {"step": 0, "epoch": 0, "batch": 0, "loss": None, "inner_lr": prog.effective_inner_lr}
         loop["curve"].append({**row, **evaluate(job.model, job.loss_fn, evals, job.eval_fn)})
     from tqdm import tqdm
 
@@ -196,13 +194,11 @@ def train(job: TrainJob, options: TrainOptions) -> TrainResult:
     with _Interrupts() as stop:
         while loop["step"] < total and not interrupted:
             batches = _position(data, loop)
-            if job.inner_lr_schedule is not None:
-                prog.inner_lr = float(job.inner_lr_schedule(loop["epoch"]))
             epoch_end = False
             while not (epoch_end or interrupted or loop["step"] >= total):
                 try:
                     stop.abandonable = True
-                    batch = next(batches, None)
+                    batch, lr = next(batches, None), prog.effective_inner_lr
                     loss = None if batch is None else prog.step(*batch)
                 except KeyboardInterrupt:  # a second Ctrl-C: Program.step is atomic, so this step never happened
                     interrupted = True
@@ -213,7 +209,7 @@ def train(job: TrainJob, options: TrainOptions) -> TrainResult:
                     loop["epoch"], loop["batch"] = loop["epoch"] + 1, 0
                     break
                 row = {"step": loop["step"] + 1, "epoch": loop["epoch"], "batch": loop["batch"], "loss": loss,
-                       "inner_lr": prog.inner_lr}
+                       "inner_lr": lr}
                 loop["step"], loop["batch"] = loop["step"] + 1, loop["batch"] + 1
                 epoch_end = loop["batch"] >= per_epoch
                 if epoch_end:

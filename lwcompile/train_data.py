@@ -142,12 +142,12 @@ def make_batches(data: Any, batch_size: int | None, seed: int, what: str) -> Bat
             raise ConfigError(f"{what} is (inputs, labels) tensors, so TrainJob.batch_size must be an int >= 1, got "
                               f"{batch_size!r}.")
         return TensorBatches(inputs, labels, batch_size, seed)
+    if hasattr(data, "__next__"):
+        raise ConfigError(f"{what} is an iterator, which one epoch would use up; pass a re-iterable (a DataLoader, "
+                          "a list of batches) so every epoch, and a resumed run, can iterate it again.")
     if not hasattr(data, "__iter__") or not hasattr(data, "__len__"):
         raise ConfigError(f"{what} is a {type(data).__name__}; pass (inputs, labels) tensors, or a re-iterable with "
                           "a len() (a torch.utils.data.DataLoader, a list of (inputs, labels) batches).")
-    if iter(data) is data:
-        raise ConfigError(f"{what} is an iterator, which one epoch would use up; pass a re-iterable (a DataLoader, "
-                          "a list of batches) so every epoch, and a resumed run, can iterate it again.")
     return IterableBatches(data, what)
 
 
