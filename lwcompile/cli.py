@@ -166,7 +166,7 @@ def add_train_command(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace curve.csv, curve.png and checkpoint.pt in --out")
     p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and random before FACTORY runs (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a tqdm bar on stderr showing the loss, inner lr and steps/s)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop as Ctrl-C would
     p.set_defaults(func=run_train)
 
