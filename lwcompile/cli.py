@@ -221,7 +221,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 130
     last = next((r for r in reversed(result.curve) if r.get("eval_loss") is not None), result.curve[-1])
     print(f"done: {result.steps} steps; " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()
-                                                     if k in ("loss", "eval_loss") and v is not None))
+                                                     if (k == "loss" or k.startswith("eval")) and v is not None))
     return 0
 
 

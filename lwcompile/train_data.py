@@ -12,9 +12,9 @@ Two forms of data, one interface (:class:`Batches`):
 Example:
     >>> import torch
     >>> data = make_batches((torch.arange(10.).unsqueeze(1), torch.arange(10)), batch_size=4, seed=0)
-    >>> len(data), [tuple(x.shape) for x, y in data.iterate(epoch=0)]
+    >>> len(data), [tuple(x[0].shape) for x, y in data.iterate(epoch=0)]  # (inputs tuple, labels tuple)
     (2, [(4, 1), (4, 1)])
-    >>> [int(y[0]) for x, y in data.iterate(epoch=0, start=1)] == [int(y[0]) for x, y in data.iterate(epoch=0)][1:]
+    >>> [y[0].tolist() for x, y in data.iterate(epoch=0, start=1)] == [y[0].tolist() for x, y in data.iterate(epoch=0)][1:]
     True
 """
 from __future__ import annotations
@@ -130,7 +130,7 @@ class IterableBatches(Batches):
         return self.iterate(0)
 
 
-def make_batches(data: Any, batch_size: int | None, seed: int, what: str) -> Batches:
+def make_batches(data: Any, batch_size: int | None, seed: int = 0, what: str = "data") -> Batches:
     """The :class:`Batches` of a TrainJob's ``train_data`` / ``eval_data`` (``what`` names it in errors)."""
     if isinstance(data, tuple) and len(data) == 2 and all(_tensors(part) for part in data):
         inputs, labels = as_tuple(data[0]), as_tuple(data[1])

@@ -74,33 +74,37 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def write_png(path: str | os.PathLike, rows: Sequence[dict[str, Any]], title: str) -> None:
-    """Plot the training loss per step and each evaluated column at its steps; log y when every value is > 0."""
+    """Plot the training loss per step with ``eval_loss`` at its steps (log scale when all > 0) and, in a second
+    panel, every other evaluated column (``eval_accuracy``, ...)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    positive = True
-    for name in _columns(rows):
-        if name != "loss" and not name.startswith("eval"):
-            continue
+    def series(name: str) -> tuple[tuple, tuple]:
         points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), float) and math.isfinite(r[name])]
-        if not points:
-            continue
-        steps, values = zip(*points)
-        positive &= min(values) > 0
-        label = "train loss (batch)" if name == "loss" else name
-        ax.plot(steps, values, "-" if name == "loss" else "o-", label=label, lw=1 if name == "loss" else 1.5,
-                ms=4, alpha=0.8 if name == "loss" else 1.0)
-    if positive and ax.lines:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("value")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.lines:
-        ax.legend()
+        return tuple(zip(*points)) if points else ((), ())
+
+    columns = _columns(rows)
+    metrics = [c for c in columns if c.startswith("eval") and c != "eval_loss" and series(c)[0]]
+    fig = Figure(figsize=(7, 4.2 + 2.2 * bool(metrics)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1 + bool(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    losses = [(c, series(c)) for c in ("loss", "eval_loss") if c in columns and series(c)[0]]
+    for name, (steps, values) in losses:
+        axes[0].plot(steps, values, "-" if name == "loss" else "o-", lw=1 if name == "loss" else 1.5, ms=4,
+                     label="train loss (batch)" if name == "loss" else "eval_loss")
+    if losses and min(v for _, (_, vs) in losses for v in vs) > 0:
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss")
+    axes[0].set_title(title)
+    for name in metrics:
+        axes[1].plot(*series(name), "o-", ms=4, label=name)
+    if metrics:
+        axes[1].set_ylabel("metric")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     with _atomic(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
