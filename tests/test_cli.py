@@ -156,3 +156,17 @@ def test_a_50_block_plan_draws_every_label_inside_the_picture_without_overlaps(t
     assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
     png = plan.draw(str(tmp_path / "plan.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_of_config_documents_every_field_with_its_default():
+    import ast
+    import dataclasses
+    import re
+
+    import lwcompile
+
+    doc = " ".join(lwcompile.Config.__doc__.split())
+    for f in dataclasses.fields(lwcompile.Config):
+        entry = re.search(rf"``{f.name}`` \((.*?)default (.*?)(?:;|\):)", doc)
+        assert entry, f"Config.{f.name} is not documented with its default"
+        assert ast.literal_eval(entry.group(2)) == f.default, (f.name, entry.group(2))
