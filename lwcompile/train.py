@@ -157,7 +157,8 @@ def train(job: TrainJob, options: TrainOptions) -> TrainResult:
 
     out = Path(options.out_dir)
     paths = {"checkpoint": out / "checkpoint.pt", "csv": out / "curve.csv", "png": out / "curve.png"}
-    if options.resume is None and not options.overwrite:
+    same_run = options.resume is not None and Path(options.resume).resolve() == paths["checkpoint"].resolve()
+    if not same_run and not options.overwrite:  # a resumed run may only replace its own files
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
             raise ConfigError(f"{', '.join(existing)} already exist(s); pass --resume {paths['checkpoint']} to "
@@ -196,13 +197,16 @@ def train(job: TrainJob, options: TrainOptions) -> TrainResult:
             batches = _position(data, loop)
             epoch_end = False
             while not (epoch_end or interrupted or loop["step"] >= total):
+                count, loss = prog.step_count, None
                 try:
                     stop.abandonable = True
                     batch, lr = next(batches, None), prog.effective_inner_lr
                     loss = None if batch is None else prog.step(*batch)
-                except KeyboardInterrupt:  # a second Ctrl-C: Program.step is atomic, so this step never happened
-                    interrupted = True
-                    break
+                except KeyboardInterrupt:  # a second Ctrl-C: Program.step is atomic, so this step never happened,
+                    interrupted = True     # unless the step had just returned when the signal landed
+                    if prog.step_count == count:
+                        break
+                    print("lwcompile train: the step had finished; its loss is not known", file=sys.stderr)
                 finally:
                     stop.abandonable = False
                 if batch is None:  # the data ran out before its len() said: the epoch ends here
@@ -254,7 +258,8 @@ def _position(data: Batches, loop: dict[str, Any]) -> Iterator[tuple[tuple, tupl
 
 
 def _postfix(row: dict[str, Any], rate: float) -> dict[str, str]:
-    shown = {"loss": f"{row['loss']:.4g}", "inner_lr": f"{row['inner_lr']:.3g}", "steps/s": f"{rate:.3g}"}
+    loss = "?" if row["loss"] is None else f"{row['loss']:.4g}"
+    shown = {"loss": loss, "inner_lr": f"{row['inner_lr']:.3g}", "steps/s": f"{rate:.3g}"}
     for key, value in row.items():
         if key.startswith("eval") and isinstance(value, float):
             shown[key] = f"{value:.4g}"

@@ -146,6 +146,15 @@ def test_existing_outputs_are_never_replaced_unless_asked(jobs, tmp_path, capsys
     assert _run(jobs, "tensors", out, "--steps", "2", "--overwrite") == 0
     assert len(read_csv(out / "curve.csv")) == 3 and (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curve.csv", "curve.png"]  # no temp files
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "curve.png").write_bytes(b"mine")
+    # resuming writes into the checkpoint's own directory freely, but into another one only where nothing is
+    assert _run(jobs, "tensors", other, "--resume", str(out / "checkpoint.pt"), "--steps", "4") == 1
+    assert (other / "curve.png").read_bytes() == b"mine"
+    assert main(["train", f"{jobs}:tensors", "--resume", str(out / "checkpoint.pt"), "--steps", "4",
+                 "--no-progress"]) == 0
+    assert [r["step"] for r in read_csv(out / "curve.csv")] == ["0", "1", "2", "3", "4"]
 
 
 @pytest.mark.parametrize("argv,message", [
