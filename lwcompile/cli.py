@@ -140,8 +140,8 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def add_train_command(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model from a TrainJob factory (progress bar, checkpoints, curve)",
-                       description="Compile the model of MODULE:FACTORY with lwcompile (LocoProp) and train it: a "
-                                   "progress bar (loss, inner lr, steps/s), evaluation, checkpoints you can resume "
+                       description="Compile the model of MODULE:FACTORY with lwcompile (LocoProp) and train it:\n"
+                                   "a progress bar (loss, inner lr, steps/s), evaluation, checkpoints you can resume\n"
                                    "exactly, and the loss curve as CSV and PNG.",
                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("factory", metavar="MODULE:FACTORY", help="a callable returning an lwcompile.TrainJob (see below)")
@@ -152,7 +152,8 @@ def add_train_command(sub: Any) -> None:
                    metavar="FIELD=VALUE", help="override a field of the job's lwcompile.Config (repeatable), e.g. "
                                                "--config inner_lr=1e-4 --config steps=5; see help(lwcompile.Config)")
     p.add_argument("--epochs", type=int, default=None, help="passes over train_data (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="total training steps; overrides --epochs")
+    p.add_argument("--steps", type=int, default=None, help="total training steps, across epochs; overrides --epochs (default: --epochs × "
+                                                        "batches per epoch)")
     p.add_argument("--eval-every", type=int, default=None, metavar="N",
                    help="also evaluate every N steps (default 0: only before training, at each epoch's end and at "
                         "the last step)")

@@ -31,9 +31,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -163,18 +163,22 @@ def train(job: TrainJob, options: TrainOptions) -> TrainResult:
         if existing:
             raise ConfigError(f"{', '.join(existing)} already exist(s); pass --resume {paths['checkpoint']} to "
                               "continue that run, another --out directory, or --overwrite.")
+    for name, low in (("epochs", 1), ("steps", 1), ("eval_every", 0), ("checkpoint_every", 0), ("stop_after", 1)):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{name}={value!r}: must be an int >= {low}.")
     data = make_batches(job.train_data, job.batch_size, job.seed, "train_data")
     evals = None if job.eval_data is None else make_batches(job.eval_data, job.batch_size or 1000, job.seed,
                                                             "eval_data")
+    per_epoch = len(data)
+    if per_epoch == 0:
+        raise ConfigError("train_data yields no batch (fewer examples than batch_size?).")
     example_x, _ = data.example()
     config = job.config.replace(**options.config_overrides) if options.config_overrides else job.config
     prog = lwcompile.transform(job.model, job.loss_fn, example_x, config)
     loop: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "curve": [], "epoch_rng": None, "rng": None}
     if options.resume is not None:
         loop = _load_checkpoint(options.resume, job.model, prog)
-    per_epoch = len(data)
-    if per_epoch == 0:
-        raise ConfigError("train_data yields no batch (fewer examples than batch_size?).")
     total = options.steps if options.steps is not None else options.epochs * per_epoch
     saved = {"epochs": options.epochs, "steps": options.steps, "eval_every": options.eval_every,
              "checkpoint_every": options.checkpoint_every}
