@@ -93,7 +93,12 @@ def write_png(path: str | os.PathLike, rows: Sequence[dict[str, Any]], title: st
         axes[0].plot(steps, values, "-" if name == "loss" else "o-", lw=1 if name == "loss" else 1.5, ms=4,
                      label="train loss (batch)" if name == "loss" else "eval_loss")
     if losses and min(v for _, (_, vs) in losses for v in vs) > 0:
+        from matplotlib.ticker import FuncFormatter
+
         axes[0].set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # 400, not 4 × 10²
+        axes[0].yaxis.set_major_formatter(plain)
+        axes[0].yaxis.set_minor_formatter(plain)
     axes[0].set_ylabel("loss")
     axes[0].set_title(title)
     for name in metrics:
