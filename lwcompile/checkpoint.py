@@ -61,17 +61,21 @@ def fingerprint(prog: Program) -> dict[str, Any]:
 
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """Human-readable list of how a checkpoint's fingerprint differs from a program's (empty: it fits)."""
+    def part(key: str, kind: type) -> Any:
+        v = saved.get(key) if isinstance(saved, Mapping) else None
+        return v if isinstance(v, kind) else kind()
+
     out = []
-    c0, c1 = saved.get("config", {}), now["config"]
+    c0, c1 = part("config", dict), now["config"]
     out += [f"Config.{k} is {c0.get(k, '(absent)')} in the checkpoint but {c1.get(k, '(absent)')} here"
             for k in sorted(set(c0) | set(c1)) if c0.get(k) != c1.get(k)]
-    b0, b1 = saved.get("blocks", {}), now["blocks"]
+    b0, b1 = part("blocks", dict), now["blocks"]
     for name in list(b0) + [n for n in b1 if n not in b0]:
         if name not in b0 or name not in b1:
             out.append(f"block {name!r} is {'only in the checkpoint' if name in b0 else 'not in the checkpoint'}")
-        elif list(b0[name]) != list(b1[name]):
+        elif b0[name] != b1[name]:
             out.append(f"block {name!r} is {_show(b0[name])} in the checkpoint but {_show(b1[name])} here")
-    n0, n1 = [list(x) for x in saved.get("nonblock", [])], now["nonblock"]
+    n0, n1 = part("nonblock", list), now["nonblock"]
     if n0 != n1:
         out.append(f"the non-block parameters are {_show(n0)} in the checkpoint but {_show(n1)} here")
     return out

@@ -150,7 +150,7 @@ def test_a_damaged_or_foreign_state_is_refused_and_changes_nothing():
     bad_outer = dict(good, outer=dict(good["outer"], param_groups=[dict(good["outer"]["param_groups"][0], params=[0])]))
     bad_inner = dict(good, inner_state=dict(good["inner_state"], **{"0": good["inner_state"]["0"][:1]}))
     for bad, words in ((bad_outer, "outer optimizer"), (bad_inner, "inner_state['0']"),
-                       (dict(good, step_count=-1), "step_count")):
+                       (dict(good, step_count=-1), "step_count"), (dict(good, fingerprint=[1]), "Config.gamma")):
         with pytest.raises(lwcompile.LwcompileError) as e:
             prog.load_state_dict(bad)
         assert words in str(e.value)
