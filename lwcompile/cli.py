@@ -152,8 +152,9 @@ def add_train_command(sub: Any) -> None:
                    metavar="FIELD=VALUE", help="override a field of the job's lwcompile.Config (repeatable), e.g. "
                                                "--config inner_lr=1e-4 --config steps=5; see help(lwcompile.Config)")
     p.add_argument("--epochs", type=int, default=None, help="passes over train_data (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="total training steps, across epochs; overrides --epochs (default: --epochs × "
-                                                        "batches per epoch)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="total training steps, across epochs; overrides --epochs (default: --epochs × batches per "
+                        "epoch)")
     p.add_argument("--eval-every", type=int, default=None, metavar="N",
                    help="also evaluate every N steps (default 0: only before training, at each epoch's end and at "
                         "the last step)")
@@ -166,8 +167,11 @@ def add_train_command(sub: Any) -> None:
                    help="output directory (default: the --resume checkpoint's directory, else runs/FACTORY)")
     p.add_argument("--overwrite", action="store_true", help="replace curve.csv, curve.png and checkpoint.pt in --out")
     p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and random before FACTORY runs (default 0)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a tqdm bar on stderr showing the loss, inner lr and steps/s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: torch's choice, one per core; 1 is much faster when other processes "
+                        "share the cores, see README)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a tqdm bar on stderr showing the loss, inner lr and steps/s)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop as Ctrl-C would
     p.set_defaults(func=run_train)
 
@@ -208,7 +212,8 @@ def run_train(args: argparse.Namespace) -> int:
     saved = saved_options(args.resume) if args.resume else {}
     name = args.factory.rpartition(":")[2]
     options = TrainOptions(
-        out_dir=args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else os.path.join("runs", name)),
+        out_dir=args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume
+                             else os.path.join("runs", name)),
         **{k: v for k, v in saved.items() if getattr(args, k) is None},
         **{k: getattr(args, k) for k in ("epochs", "steps", "eval_every", "checkpoint_every")
            if getattr(args, k) is not None},

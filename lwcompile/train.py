@@ -86,7 +86,8 @@ class TrainJob:
             raise ConfigError(f"TrainJob.loss_fn must be callable as loss_fn(output, *labels), got "
                               f"{type(self.loss_fn).__name__}.")
         if self.eval_fn is not None and not callable(self.eval_fn):
-            raise ConfigError(f"TrainJob.eval_fn must be callable as eval_fn(model), got {type(self.eval_fn).__name__}.")
+            raise ConfigError("TrainJob.eval_fn must be callable as eval_fn(model), got "
+                              f"{type(self.eval_fn).__name__}.")
         self.config = Config() if self.config is None else self.config
         if not isinstance(self.config, Config):
             raise ConfigError(f"TrainJob.config must be an lwcompile.Config, got {type(self.config).__name__}.")

@@ -14,7 +14,8 @@ Example:
     >>> data = make_batches((torch.arange(10.).unsqueeze(1), torch.arange(10)), batch_size=4, seed=0)
     >>> len(data), [tuple(x[0].shape) for x, y in data.iterate(epoch=0)]  # (inputs tuple, labels tuple)
     (2, [(4, 1), (4, 1)])
-    >>> [y[0].tolist() for x, y in data.iterate(epoch=0, start=1)] == [y[0].tolist() for x, y in data.iterate(epoch=0)][1:]
+    >>> later = [y[0].tolist() for x, y in data.iterate(epoch=0, start=1)]
+    >>> later == [y[0].tolist() for x, y in data.iterate(epoch=0)][1:]
     True
 """
 from __future__ import annotations
@@ -95,7 +96,8 @@ class TensorBatches(Batches):
     def in_order(self) -> Iterator[tuple[tuple, tuple]]:
         """Every example once, in order, in batches (the last one may be partial): for evaluation."""
         for i in range(0, self.n, self.batch_size):
-            yield tuple(t[i:i + self.batch_size] for t in self.inputs), tuple(t[i:i + self.batch_size] for t in self.labels)
+            rows = slice(i, i + self.batch_size)
+            yield tuple(t[rows] for t in self.inputs), tuple(t[rows] for t in self.labels)
 
 
 class IterableBatches(Batches):

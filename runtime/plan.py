@@ -161,9 +161,9 @@ class Plan:
     def figure(self):
         """The picture :meth:`draw` writes, as a matplotlib ``Figure`` (Agg canvas, no pyplot): one column per
         device headed by its name and predicted time, each block a box (name, inner-loop time) in run order, and
-        the activation edges between blocks — gray within a device and, in partitioned mode, red and labelled
-        with their bytes across devices (replicas each run the whole forward, so none travels). The figure is sized so that every label lies inside it, however many blocks and however long
-        their names."""
+        the activation edges between blocks: gray within a device and, in partitioned mode, red and labelled with
+        their bytes across devices (replicas each run the whole forward, so none travels). The figure is sized so
+        that every label lies inside it, however many blocks and however long their names."""
         import textwrap
 
         from matplotlib.backends.backend_agg import FigureCanvasAgg
