@@ -14,8 +14,9 @@ from lwcompile.errors import (ConfigError, DistributedError, ExportError, LossEr
                               TraceError)
 from lwcompile.ir import Block
 from lwcompile.program import Program
+from lwcompile.train import TrainJob
 from lwcompile.transfers import register_transfer
 
-__all__ = ["transform", "Config", "Program", "Block", "LwcompileError", "ConfigError", "TraceError", "PartitionError",
+__all__ = ["transform", "Config", "Program", "Block", "TrainJob", "LwcompileError", "ConfigError", "TraceError", "PartitionError",
            "NonFiniteError", "LossError", "ExportError", "DistributedError", "register_transfer"]
 __version__ = "0.1.0"

@@ -38,6 +38,48 @@ class Config:
     """How to compile and train. Defaults are the paper's LocoProp-M recipe, except that the official code's inner
     step decay lr·max(1 − k/T, 0.25) is off unless ``inner_lr_decay=True``.
 
+    Fields (every one is checked when the Config is made; a bad value raises :class:`~lwcompile.ConfigError`):
+
+    - ``target`` ("gd_pre" | "dual_md_pre" | "gd_post" | "md_post", default "md_post"): how each block's target is
+      made from the task loss's gradient (METHOD.md step 3): a GD step on the pre-activation â − γ∂L/∂â; the
+      dual-MD step â − γ∂L/∂ŷ; a GD step on the post-activation ŷ − γ∂L/∂ŷ; or the mirror-descent step
+      f(â) − γ∂L/∂â (LocoProp-M).
+    - ``local_loss`` ("squared_pre" | "dual_bregman" | "squared_post" | "matching", default "matching"): what each
+      block's inner loop minimizes against its target. It must compare activations in the target's space: the
+      pairs are gd_pre + squared_pre (LocoProp-S), dual_md_pre + dual_bregman, gd_post + squared_post and
+      md_post + matching (LocoProp-M); another pairing is refused.
+    - ``gamma`` (float > 0, default 10.0): the activation learning rate γ, how far targets move along the task-loss
+      gradient. With ``steps=1`` and ``inner_optimizer="gd"`` a step equals SGD at lr ``inner_lr·gamma``.
+    - ``steps`` (int >= 1, default 10): inner iterations T each block's optimizer takes per training step.
+    - ``inner_optimizer`` ("gd" | "momentum" | "rmsprop" | "rmsprop_tf1" | "adam", default "rmsprop_tf1"): the
+      blocks' inner optimizer. "rmsprop" has torch's semantics; "rmsprop_tf1" is TensorFlow 1's (mean-square slots
+      start at 1, ε inside the square root, momentum on the scaled step), the paper's.
+    - ``inner_lr`` (float >= 0, default 1e-5): the inner optimizer's learning rate (0 is allowed: a warm-up).
+      ``prog.inner_lr = ...`` changes it between steps; the schedule fields below multiply it.
+    - ``prox`` (float >= 0, default 0.0): the proximal weight λ of (λ/2)‖W̃ − W‖², which keeps a block's inner
+      iterates near its weights at the start of the step.
+    - ``momentum`` (float in [0, 1) or None, default None): momentum of "momentum" (default 0.9), "rmsprop" (0.0)
+      and "rmsprop_tf1" (0.999); None takes that default. Used only by those three optimizers.
+    - ``decay`` (float in [0, 1) or None, default None): the mean-square decay of "rmsprop" (default 0.99) and
+      "rmsprop_tf1" (0.9); None takes that default.
+    - ``eps`` (float > 0 or None, default None): the denominator's ε of "rmsprop" (default 1e-8), "rmsprop_tf1"
+      (1e-5) and "adam" (1e-8); None takes that default.
+    - ``betas`` (two floats in [0, 1) or None, default None): Adam's (β1, β2), default (0.9, 0.999).
+    - ``inner_lr_decay`` (bool, default False): scale inner iteration k's step by max(1 − k/T, 0.25), as the
+      official code does.
+    - ``outer_optimizer`` ("sgd" | "momentum" | "adam" | "adamw" | "rmsprop" | "none", default "adam"): the torch
+      optimizer for non-block parameters (norm affines, embeddings, biases outside a linear op, recurrent layers,
+      tied weights' extra uses); "none" leaves them unchanged.
+    - ``outer_lr`` (float >= 0, default 1e-3): the outer optimizer's learning rate.
+    - ``outer_options`` (a dict or (name, value) pairs, default ()): more keyword arguments for the outer torch
+      optimizer, e.g. ``{"weight_decay": 1e-4}``.
+    - ``skip`` (regular expressions, default ()): layers to hand to the outer optimizer instead of making them
+      blocks, matched against block names and module class names, e.g. ``(r"^head\\.", "Embedding")``.
+    - ``frontend`` ("auto" | "fx" | "export", default "auto"): the tracer. "auto" tries ``torch.fx.symbolic_trace``
+      and falls back to ``torch.export`` when it fails or its graph does not reproduce the model.
+    - ``check_finite`` (bool, default True): refuse a step whose loss, targets, gradients or new values hold a NaN
+      or inf (:class:`~lwcompile.NonFiniteError`, the model unchanged); False skips those checks.
+
     The inner learning rate's schedule over training (positions count ``Program.step`` calls, i.e. the program's
     ``step_count``; not the T inner iterations, which ``inner_lr_decay`` shapes). The next step's inner lr is
     ``prog.inner_lr × factor(step_count)`` (:func:`lwcompile.schedule.schedule_factor`); the factor is computed at

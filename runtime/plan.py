@@ -158,36 +158,76 @@ class Plan:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    def draw(self, path: str) -> str:
-        """Write a PNG: one column per device, blocks top to bottom in run order, edges labelled with bytes.
-        Uses matplotlib's Agg canvas directly, so it never touches pyplot's global state or needs a display."""
+    def figure(self):
+        """The picture :meth:`draw` writes, as a matplotlib ``Figure`` (Agg canvas, no pyplot): one column per
+        device headed by its name and predicted time, each block a box (name, inner-loop time) in run order, and
+        the activation edges between blocks: gray within a device and, in partitioned mode, red and labelled with
+        their bytes across devices (replicas each run the whole forward, so none travels). The figure is sized so
+        that every label lies inside it, however many blocks and however long their names."""
+        import textwrap
+
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         pos = {b: (i, -k) for i, d in enumerate(self.devices) for k, b in enumerate(self.assignment[d])}
-        column = {b: i for b, (i, _) in pos.items()}
-        depth = max((len(bs) for bs in self.assignment.values()), default=1)
-        fig = Figure(figsize=(max(4.0, 2.2 * len(self.devices)), max(3.0, 1.2 * depth + 1.5)))
+        depth = max((len(bs) for bs in self.assignment.values()), default=1) or 1
+        chars = max((len(b) for b in pos), default=8)
+        column = max(1.6, 0.075 * chars + 0.5)  # inches: the widest box at 8 pt, plus a gap
+        width, height = max(5.0, column * len(self.devices) + 0.6), 0.5 * depth + 1.8
+        fig = Figure(figsize=(width, height))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        nodes = list(self.graph)
-        nx.draw_networkx_nodes(self.graph, pos, nodelist=nodes, ax=ax, node_size=900,
-                               node_color=[column[n] for n in nodes], cmap="tab10", vmin=0, vmax=9)
-        nx.draw_networkx_labels(self.graph, pos, ax=ax, font_size=8)
-        nx.draw_networkx_edges(self.graph, pos, ax=ax, arrows=True, node_size=900, connectionstyle="arc3,rad=0.15")
-        nx.draw_networkx_edge_labels(self.graph, pos, ax=ax, font_size=7,
-                                     edge_labels={(u, v): _bytes(nb) for u, v, nb in self.graph.edges(data="bytes")})
-        ax.set_xticks(range(len(self.devices)),
-                      [f"{d}\n{_seconds(self.times[d])}" for d in self.devices])
-        ax.tick_params(left=False, labelleft=False, bottom=False, labelbottom=True)  # networkx hides them
-        for side in ("top", "right", "left", "bottom"):
-            ax.spines[side].set_visible(False)
-        ax.set_xlim(-0.6, len(self.devices) - 0.4)
-        ax.set_ylim(-depth + 0.4, 0.6)
-        ax.set_title(f"{self.mode}: makespan {_seconds(self.makespan)} vs lower bound {_seconds(self.lower_bound)}")
-        fig.tight_layout()
-        fig.savefig(path, format="png")
+        ax.set_axis_off()
+        ax.set_xlim(-0.5, len(self.devices) - 0.5)
+        ax.set_ylim(-depth + 0.5, 1.3)
+        boxes = {}
+        for b, (x, y) in pos.items():
+            color = f"C{x % 10}"
+            boxes[b] = ax.text(x, y, f"{b}\n{_seconds(self.graph.nodes[b].get('cost', 0.0))}", ha="center",
+                               va="center", fontsize=8, zorder=3, bbox={"boxstyle": "round,pad=0.3", "fc": "white",
+                                                              "ec": color, "lw": 1.5})
+        for i, d in enumerate(self.devices):
+            ax.text(i, 0.9, f"{d}\n{_seconds(self.times[d])}", ha="center", va="center", fontsize=9,
+                    fontweight="bold")
+        where = {b: d for d, bs in self.assignment.items() for b in bs}
+        for u, v, nb in self.graph.edges(data="bytes"):
+            if u not in pos or v not in pos:
+                continue
+            cross = where[u] != where[v]
+            if cross and self.mode != "partitioned":
+                continue  # replicas each run the whole forward: no activation travels between them
+            adjacent = pos[u][0] == pos[v][0] and abs(pos[u][1] - pos[v][1]) == 1
+            ax.annotate("", xy=pos[v], xytext=pos[u], zorder=1, arrowprops={
+                "arrowstyle": "-|>", "color": "tab:red" if cross else "0.55", "lw": 1.2 if cross else 0.8,
+                "patchA": boxes[u].get_bbox_patch(), "patchB": boxes[v].get_bbox_patch(),
+                "connectionstyle": "arc3,rad=0.0" if adjacent or cross else "arc3,rad=0.25"})
+            if cross:
+                ax.text((pos[u][0] + pos[v][0]) / 2, (pos[u][1] + pos[v][1]) / 2, _bytes(nb or 0), fontsize=7,
+                        color="tab:red", ha="center", va="center", zorder=2,
+                        bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+        title = (f"{self.mode} plan: {len(pos)} blocks on {len(self.devices)} devices; makespan "
+                 f"{_seconds(self.makespan)} vs lower bound {_seconds(self.lower_bound)}; activations crossing "
+                 f"devices {_bytes(self.crossing_bytes)}")
+        ax.set_title("\n".join(textwrap.wrap(title, max(30, int(width * 72 / (10 * 0.6))))), fontsize=10)
+        _fit(fig)
+        return fig
+
+    def draw(self, path: str) -> str:
+        """Write :meth:`figure` as a PNG to ``path`` (never touches pyplot's global state or needs a display);
+        returns ``path``."""
+        self.figure().savefig(path, format="png", dpi=100)
         return path
+
+
+def _fit(fig) -> None:
+    """Lay the figure out and grow it until every artist (titles, labels, boxes) lies inside it."""
+    renderer = fig.canvas.get_renderer()
+    for _ in range(4):
+        fig.tight_layout(pad=0.6)
+        tight, whole = fig.get_tightbbox(renderer), fig.bbox_inches
+        if tight.x0 >= 0 and tight.y0 >= 0 and tight.x1 <= whole.x1 and tight.y1 <= whole.y1:
+            return
+        fig.set_size_inches(max(whole.width, tight.width + 0.5), max(whole.height, tight.height + 0.5))
 
 
 def _seconds(s: float) -> str:

@@ -1,6 +1,7 @@
 """Specification of the command line: ``lwcompile plan MODULE:FACTORY`` prints the plan and writes JSON / DOT / PNG."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -92,3 +93,80 @@ def test_module_examples_run():
 
     result = doctest.testmod(lwcompile.cli)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_version_comes_from_the_package_metadata_and_python_dash_m_runs_the_cli(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"lwcompile {version('lwcompile')}"
+    res = subprocess.run([sys.executable, "-m", "lwcompile", "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == f"lwcompile {version('lwcompile')}", res.stderr
+
+
+def test_train_help_explains_the_factory_and_every_option_with_its_default(capsys):
+    from lwcompile.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    for action in train._actions:
+        if action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        assert action.help and len(action.help) > 15, action.dest
+        if action.default not in (None, False, [], argparse.SUPPRESS):
+            assert "default" in action.help, f"--{action.dest} has default {action.default!r} but says nothing"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needed in ("importable module", "path to a .py file", "lwcompile.TrainJob", "--resume", "curve.csv",
+                   "checkpoint.pt", "Ctrl-C", "status 130"):
+        assert needed in text, needed
+    assert "--stop-after" not in text  # a testing hook, not an option for users
+
+
+@pytest.mark.parametrize("devices,mode", [(1, "replicated"), (4, "partitioned")])  # one tall, one wide
+def test_a_50_block_plan_draws_every_label_inside_the_picture_without_overlaps(tmp_path, devices, mode):
+    from matplotlib.text import Text
+
+    from lwcompile.ir import Block
+    from lwcompile.runtime.placement import make_plan
+
+    names = [f"encoder.layers.{i}.feed_forward.linear{i % 2 + 1}" for i in range(50)]
+    blocks = [Block(n, n, "linear", (), "relu", (), n + ".weight", None, (16 + i, 16 + i), None, (8, 16 + i),
+                    (8, 16 + i), 2 * (16 + i) ** 2) for i, n in enumerate(names)]
+    edges = [(a, b, 8 * 40 * 4) for a, b in zip(names, names[1:])]
+    plan = make_plan(blocks, edges, 10, devices, mode, device_rate=1e9)
+    fig = plan.figure()
+    fig.canvas.draw()  # places the label boxes
+    renderer = fig.canvas.get_renderer()
+    whole, tight = fig.bbox, fig.get_tightbbox(renderer)
+    assert 0 <= tight.x0 and 0 <= tight.y0 and tight.x1 <= fig.bbox_inches.x1 and tight.y1 <= fig.bbox_inches.y1
+    drawn = [t for ax in fig.axes for t in (*ax.texts, ax.title, ax.xaxis.label, ax.yaxis.label)] + fig.texts
+    drawn += [t for ax in fig.axes if ax.axison for t in ax.get_xticklabels() + ax.get_yticklabels()]
+    texts = [t for t in drawn if isinstance(t, Text) and t.get_visible() and t.get_text()]
+    assert sum(t.get_text().split("\n")[0] in names for t in texts) == 50
+    assert any(f"{len(names)} blocks on {devices} devices" in t.get_text().replace("\n", " ") for t in texts)
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert whole.x0 - 0.5 <= box.x0 and box.x1 <= whole.x1 + 0.5, t.get_text()
+        assert whole.y0 - 0.5 <= box.y0 and box.y1 <= whole.y1 + 0.5, t.get_text()
+        assert t.get_fontsize() >= 7
+    labels = [t.get_bbox_patch().get_window_extent(renderer) for t in texts if t.get_text().split("\n")[0] in names]
+    assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
+    png = plan.draw(str(tmp_path / "plan.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_of_config_documents_every_field_with_its_default():
+    import ast
+    import dataclasses
+    import re
+
+    import lwcompile
+
+    doc = " ".join(lwcompile.Config.__doc__.split())
+    for f in dataclasses.fields(lwcompile.Config):
+        entry = re.search(rf"``{f.name}`` \((.*?)default (.*?)(?:;|\):)", doc)
+        assert entry, f"Config.{f.name} is not documented with its default"
+        assert ast.literal_eval(entry.group(2)) == f.default, (f.name, entry.group(2))
