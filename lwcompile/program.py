@@ -26,6 +26,7 @@ from lwcompile.passes.signatures import InnerSignature, TargetSignature
 from lwcompile.passes.stages import Stage, build_layout
 from lwcompile.passes.targets import build_target_graph, make_target_fn
 from lwcompile.pipeline import compile_model
+from lwcompile.program_tools import ProgramTools
 from lwcompile.schedule import schedule_factor
 from lwcompile import checkpoint, rollback
 from lwcompile.runtime.local import Runner, check_runnable, run_jobs
@@ -39,7 +40,7 @@ def _key(tensors: Sequence[torch.Tensor]) -> tuple:
     return tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else repr(t) for t in tensors)
 
 
-class Program:
+class Program(ProgramTools):
     """A model compiled for layer-wise local-loss training. Made by :func:`lwcompile.transform`.
 
     Example:
@@ -367,84 +368,3 @@ class Program:
             bad = int((~torch.isfinite(t)).sum())
             raise NonFiniteError(f"{what} has {bad} NaN/inf value(s); the model was left unchanged. Lower "
                                  "Config.gamma or the learning rates, or check the inputs and the loss.")
-
-    def profile(self, x: Any, y: Any, repeats: int = 3) -> dict[str, float]:
-        """Measured seconds of each block's inner loop on this batch (median of ``repeats``); pass the result
-        to :meth:`plan` as ``profile=`` to replace the FLOP estimate. Nothing in the model changes."""
-        from lwcompile.profiling import profile_blocks
-
-        return profile_blocks(self, x, y, repeats)
-
-    # ------------------------------------------------------------------ placement and export
-    def plan(self, devices: Sequence[str] | int = 1, mode: str = "replicated", profile: Mapping[str, float] | None = None,
-             device_rate: float | None = None):
-        """Place the blocks' inner loops on devices and predict what one training step's inner phase costs.
-
-        Args:
-            devices: a count of simulated identical devices (``2`` -> "sim:0", "sim:1") or device names
-                (``["cuda:0", "cuda:1"]``, ``["cpu"]``); a CUDA device this machine lacks is refused
-                (:class:`~lwcompile.ConfigError`).
-            mode: "replicated" (every device runs the whole forward and some blocks' inner loops; the
-                assignment balances predicted time) or "partitioned" (each device holds a contiguous run of blocks,
-                a pipeline stage, and activations cross between stages).
-            profile: measured seconds per block name (:meth:`profile`), replacing the FLOP estimate for the
-                blocks it names.
-            device_rate: FLOP/s of one device, to turn FLOPs into seconds; None measures a CPU matmul once per
-                process.
-
-        Returns:
-            a :class:`lwcompile.runtime.plan.Plan`: ``assignment`` (device -> block names, what
-            ``step(..., assignment=...)`` takes), predicted ``times``, ``memory`` and ``makespan`` per device, the
-            ``lower_bound`` no placement can beat, and ``to_json()``, ``to_dot()``, ``draw(path)`` to show it.
-
-        Example:
-            >>> import torch, lwcompile
-            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-            >>> prog = lwcompile.transform(model, torch.nn.functional.mse_loss, torch.randn(16, 4))
-            >>> plan = prog.plan(devices=2, device_rate=1e9)
-            >>> sorted(b for blocks in plan.assignment.values() for b in blocks), plan.devices
-            (['0', '2'], ('sim:0', 'sim:1'))
-        """
-        from lwcompile.runtime.placement import make_plan
-
-        slots = make_optimizer(self.config.inner_optimizer, self.config.optimizer_options()).slots
-        return make_plan(self.blocks, self.partition.edges, self.config.steps, devices, mode,
-                         profile=profile, device_rate=device_rate, optimizer_slots=slots)
-
-    def export_onnx(self, out_dir: str, **kwargs: Any):
-        """Write every graph to ONNX files in ``out_dir``, with the current weights, optimizer states and a manifest.
-
-        Args:
-            out_dir: a missing or empty directory (or, with ``overwrite=True``, a previous export holding nothing
-                else); anything else is refused (:class:`~lwcompile.ExportError`) before anything is written.
-            **kwargs: passed to :func:`lwcompile.export.export_program`: ``example_labels`` (labels to build the
-                target graph for, when ``step`` has not run yet), ``training`` (default True: also write the
-                onnxruntime-training artifacts of each block), ``optimizer`` ("sgd" or "adamw", the artifacts'
-                optimizer), ``devices`` (a plan or a block -> device mapping recorded per block), ``opset``
-                (default 18) and ``overwrite`` (default False).
-
-        Returns:
-            the manifest (also written as ``out_dir/manifest.json``): the files of the target graph and of each
-            block's inner-update graph, their input and output names, and the program's configuration. Every graph
-            has the static shapes of the batch it was built for. Tied weights and (with ``training=True``) frozen
-            block parameters are refused with an :class:`~lwcompile.ExportError`.
-
-        Example:
-            >>> import torch, lwcompile
-            >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-            >>> prog = lwcompile.transform(m, torch.nn.functional.mse_loss, torch.randn(16, 4), steps=2)
-            >>> manifest = prog.export_onnx("onnx_out", example_labels=torch.randn(16, 2))  # doctest: +SKIP
-            >>> sorted(manifest)  # doctest: +SKIP
-            [...]
-        """
-        from lwcompile.export import export_program, refuse_unexportable
-
-        refuse_unexportable(self, training=kwargs.get("training", True))
-        return export_program(self, out_dir, **kwargs)
-
-    def __str__(self) -> str:
-        from lwcompile.printing import describe
-
-        return describe(self)
-
-    __repr__ = __str__
