@@ -379,7 +379,8 @@ class Program:
 
         slots = make_optimizer(self.config.inner_optimizer, self.config.optimizer_options()).slots
         return make_plan(self.blocks, self.partition.edges, self.config.steps, devices, mode,
-                         profile=profile, device_rate=device_rate, optimizer_slots=slots)
+                         profile=profile, device_rate=device_rate, optimizer_slots=slots,
+                         exact=self.config.inner_optimizer == "exact")
 
     def export_onnx(self, out_dir: str, **kwargs: Any):
         """Write every graph to ONNX in ``out_dir`` with a manifest (see :mod:`lwcompile.export`)."""
