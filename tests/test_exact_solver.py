@@ -191,3 +191,24 @@ def test_cost_model_counts_one_solve_not_T_iterations():
     d = 785
     assert c.flops == exact_flops(blk) == 2 * 1000 * d * d + 4 * 1000 * d * 1000 + d ** 3 // 3 + 2 * d * d * 1000
     assert c.flops < block_cost(blk, steps=10, device_rate=1e9).flops
+
+
+def test_handing_in_the_forward_pre_activation_gives_the_same_solution():
+    g = torch.Generator().manual_seed(4)
+    x, W0, b0 = (torch.randn(2, 4, 6, 6, generator=g, dtype=D64), torch.randn(6, 2, 3, 3, generator=g, dtype=D64),
+                 torch.randn(6, generator=g, dtype=D64))
+    z = F.conv2d(x, W0, b0, stride=2, padding=1, groups=2)
+    a = z + torch.randn(z.shape, generator=g, dtype=D64)
+    blk = _conv_block(2, 4, 6, 3, 2, 2, 1, 1, tuple(x.shape), tuple(z.shape))
+    ref = make_exact_fn(blk, _cfg(0.5))(W0, b0, x, a, torch.tensor(0.0))
+    got = make_exact_fn(blk, _cfg(0.5), preact_given=True)(W0, b0, x, a, z)
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
+
+
+def test_onnx_export_is_refused_before_anything_is_written(tmp_path):
+    net = nn.Sequential(nn.Linear(3, 2))
+    prog = lwcompile.transform(net, F.mse_loss, (torch.randn(8, 3),), _cfg(prox=1.0))
+    with pytest.raises(lwcompile.errors.ExportError, match="exact.*ONNX"):
+        prog.export_onnx(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
