@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lwcompile import Config  # noqa: E402
 from lwcompile.experiments.data import load_images  # noqa: E402
 from lwcompile.experiments.models import AUTOENCODER_SIZES  # noqa: E402
-from time_to_target import cpu_name, describe, make_lwcompile  # noqa: E402
+from time_to_target import cpu_name, describe, make_backprop, make_lwcompile, make_peer  # noqa: E402
 
 _S = dict(target="gd_pre", local_loss="squared_pre")
 STUDY: dict[str, Config] = {
@@ -39,6 +39,8 @@ STUDY: dict[str, Config] = {
     "M-T10-decay": Config(inner_lr_decay=True),
     "M-T10-lr3e-5": Config(inner_lr=3e-5),
     "M-T3-lr3e-5": Config(steps=3, inner_lr=3e-5),
+    "M-T3-lr1e-4": Config(steps=3, inner_lr=1e-4),
+    "M-T1-lr1e-4": Config(steps=1, inner_lr=1e-4),
     "M-g30": Config(gamma=30.0),
     # LocoProp-S, iterative inner optimizers
     "S-rmsprop_tf1-T10": Config(**_S, inner_lr=1e-5),
@@ -48,10 +50,16 @@ STUDY: dict[str, Config] = {
     "exact-g300-l30": Config(**_S, inner_optimizer="exact", gamma=300.0, prox=30.0),
     "exact-g300-l100": Config(**_S, inner_optimizer="exact", gamma=300.0, prox=100.0),
     "exact-g300-l10": Config(**_S, inner_optimizer="exact", gamma=300.0, prox=10.0),
+    "exact-g300-l20": Config(**_S, inner_optimizer="exact", gamma=300.0, prox=20.0),
+    "exact-g200-l20": Config(**_S, inner_optimizer="exact", gamma=200.0, prox=20.0),
+    "exact-g500-l50": Config(**_S, inner_optimizer="exact", gamma=500.0, prox=50.0),
     "exact-g1000-l30": Config(**_S, inner_optimizer="exact", gamma=1000.0, prox=30.0),
     "exact-g1000-l100": Config(**_S, inner_optimizer="exact", gamma=1000.0, prox=100.0),
     "exact-g3000-l300": Config(**_S, inner_optimizer="exact", gamma=3000.0, prox=300.0),
 }
+
+
+BACKPROP = {"adam-lr1e-3": ("adam", 1e-3), "adam-lr3e-3": ("adam", 3e-3)}  # reference rows
 
 
 def run_study(names: Sequence[str], x_train: torch.Tensor, x_eval: torch.Tensor, budget_s: float, clock: str,
@@ -60,9 +68,18 @@ def run_study(names: Sequence[str], x_train: torch.Tensor, x_eval: torch.Tensor,
     res: dict[str, Any] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "clock": clock,
                            "budget_s": budget_s, "n_eval": int(x_eval.shape[0]), "runs": []}
     for name in names:
-        r = make_lwcompile(name, STUDY[name], AUTOENCODER_SIZES, x_train, 1000, seed, clock=tick)
+        if name == "peer":
+            r = make_peer(AUTOENCODER_SIZES, x_train, 1000, seed, clock=tick)
+            if r is None:
+                print("peer skipped: `locoprop` is not installed (pip install --no-deps locoprop)")
+                continue
+        elif name in BACKPROP:
+            r = make_backprop(*BACKPROP[name], AUTOENCODER_SIZES, x_train, 1000, seed, clock=tick)
+        else:
+            r = make_lwcompile(name, STUDY[name], AUTOENCODER_SIZES, x_train, 1000, seed, clock=tick)
         r.train(x_eval, budget_s, -math.inf, eval_every)
-        rec = {"name": name, "setting": describe(STUDY[name]), "steps": r.steps, "clock_s": r.clock,
+        rec = {"name": name, "setting": describe(STUDY[name]) if name in STUDY else r.setting, "steps": r.steps,
+               "clock_s": r.clock,
                "final_loss": r.evals[-1][2], "diverged": r.diverged, "evals": r.evals,
                "median_step_s": sorted(r.step_times)[len(r.step_times) // 2] if r.step_times else float("nan")}
         res["runs"].append(rec)
@@ -91,7 +108,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in res["runs"]:
         ev = [(c, loss) for _, c, loss in r["evals"] if math.isfinite(loss)]
-        ax.plot([c for c, _ in ev], [loss for _, loss in ev], "-" if r["name"].startswith("exact") else "--",
+        ax.plot([c for c, _ in ev], [loss for _, loss in ev], "-" if r["name"].startswith("exact") else (":" if r["name"] in BACKPROP or r["name"] == "peer" else "--"),
                 label=r["name"])
     ax.set_xlabel(f"clocked training seconds ({res['clock']} time, {res['threads']} thread(s))")
     ax.set_ylabel(f"train loss ({res['n_eval']} fixed images)")
@@ -123,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     x_eval = x_train[torch.randperm(x_train.shape[0], generator=g)[:10_000]]
     names = [n.strip() for n in a.recipes.split(",") if n.strip()]
     for n in names:
-        if n not in STUDY:
-            p.error(f"unknown recipe {n!r}; choose from {', '.join(STUDY)}")
+        if n not in STUDY and n not in BACKPROP and n != "peer":
+            p.error(f"unknown recipe {n!r}; choose from {', '.join([*STUDY, *BACKPROP, 'peer'])}")
     a.out.mkdir(parents=True, exist_ok=True)
     res = run_study(names, x_train, x_eval, a.budget_s, a.clock, a.eval_every, out=a.out)
     md = format_markdown(res)

@@ -160,7 +160,7 @@ class Run:
 
 # ---------------------------------------------------------------- method builders
 def make_backprop(kind: str, lr: float, sizes: Sequence[int], x_train: torch.Tensor, batch_size: int,
-                  seed: int) -> Run:
+                  seed: int, clock: Callable[[], float] = time.perf_counter) -> Run:
     model = deep_autoencoder(sizes, seed=seed)
     opt = backprop_optimizer(kind, model.parameters(), lr)
 
@@ -172,7 +172,8 @@ def make_backprop(kind: str, lr: float, sizes: Sequence[int], x_train: torch.Ten
         return float(loss.detach())
 
     n_params = sum(p.numel() for p in model.parameters())
-    return Run(kind, f"lr {lr:g}", step, model, x_train, batch_size, seed, step_flops=6.0 * n_params * batch_size)
+    return Run(kind, f"lr {lr:g}", step, model, x_train, batch_size, seed, step_flops=6.0 * n_params * batch_size,
+               clock=clock)
 
 
 def inner_flops_per_step(prog: lwcompile.Program, batch_size: int) -> int:
@@ -203,7 +204,8 @@ def describe(cfg: lwcompile.Config) -> str:
     return f"Config({', '.join(diff)})"
 
 
-def make_peer(sizes: Sequence[int], x_train: torch.Tensor, batch_size: int, seed: int) -> Run | None:
+def make_peer(sizes: Sequence[int], x_train: torch.Tensor, batch_size: int, seed: int,
+              clock: Callable[[], float] = time.perf_counter) -> Run | None:
     """The PyPI ``locoprop`` package's trainer on the same init, or None when it is not installed."""
     try:
         from locoprop import LocoLayer, LocopropTrainer
@@ -217,7 +219,7 @@ def make_peer(sizes: Sequence[int], x_train: torch.Tensor, batch_size: int, seed
             layers.append(LocoLayer(m, nxt if nxt is not None else torch.nn.Identity()))
     trainer = LocopropTrainer(torch.nn.Sequential(*layers), bce_sum, local_iterations=10)
     return Run("peer", "locoprop 0.1.0: LocoProp-M, T=10, RMSprop lr 2e-5", lambda xb: trainer.step(xb, xb).detach(),
-               outputs_to_logits(model), x_train, batch_size, seed)
+               outputs_to_logits(model), x_train, batch_size, seed, clock=clock)
 
 
 def measure_preact_reuse(prog: lwcompile.Program, xb: torch.Tensor, repeats: int = 3) -> dict[str, float]:
