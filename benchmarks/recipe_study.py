@@ -42,6 +42,9 @@ STUDY: dict[str, Config] = {
     "M-T3-lr1e-4": Config(steps=3, inner_lr=1e-4),
     "M-T1-lr1e-4": Config(steps=1, inner_lr=1e-4),
     "M-g30": Config(gamma=30.0),
+    "M-g100": Config(gamma=100.0),
+    "M-T3-g30": Config(steps=3, gamma=30.0),
+    "M-T3-g30-lr3e-5": Config(steps=3, gamma=30.0, inner_lr=3e-5),
     # LocoProp-S, iterative inner optimizers
     "S-rmsprop_tf1-T10": Config(**_S, inner_lr=1e-5),
     "S-adam-T3": Config(**_S, inner_optimizer="adam", steps=3, inner_lr=1e-4),
