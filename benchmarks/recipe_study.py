@@ -45,6 +45,7 @@ STUDY: dict[str, Config] = {
     "M-g100": Config(gamma=100.0),
     "M-T3-g30": Config(steps=3, gamma=30.0),
     "M-T3-g30-lr3e-5": Config(steps=3, gamma=30.0, inner_lr=3e-5),
+    "M-T3-g30-lr1e-4": Config(steps=3, gamma=30.0, inner_lr=1e-4),
     # LocoProp-S, iterative inner optimizers
     "S-rmsprop_tf1-T10": Config(**_S, inner_lr=1e-5),
     "S-adam-T3": Config(**_S, inner_optimizer="adam", steps=3, inner_lr=1e-4),
@@ -92,13 +93,29 @@ def run_study(names: Sequence[str], x_train: torch.Tensor, x_eval: torch.Tensor,
     return res
 
 
-def format_markdown(res: dict[str, Any]) -> str:
+def loss_at_step(evals: Sequence[Sequence[float]], step: int) -> float:
+    """The eval loss at ``step``, interpolated log-linearly between the evaluations around it (nan past the end).
+
+    >>> round(loss_at_step([(0, 0.0, 100.0), (10, 1.0, 10.0)], 5), 3)
+    31.623
+    """
+    for (s0, _, l0), (s1, _, l1) in zip(evals, evals[1:]):
+        if s0 <= step <= s1 and l0 > 0 and l1 > 0:
+            w = (step - s0) / max(s1 - s0, 1)
+            return math.exp((1 - w) * math.log(l0) + w * math.log(l1))
+    return float("nan")
+
+
+def format_markdown(res: dict[str, Any], at_steps: Sequence[int] = (20, 60)) -> str:
+    cols = " | ".join(f"loss at step {k}" for k in at_steps)
     lines = [f"CPU: {res['cpu']}, {res['threads']} torch thread(s); clock: {res['clock']} time; budget "
              f"{res['budget_s']:g} s per recipe; loss on {res['n_eval']} fixed training images.", "",
-             "| recipe | Config | steps | median step (s) | loss at budget |", "| --- | --- | ---: | ---: | ---: |"]
+             f"| recipe | Config | steps | median step (s) | loss at budget | {cols} |",
+             "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in at_steps) + " |"]
     for r in sorted(res["runs"], key=lambda r: (not math.isfinite(r["final_loss"]), r["final_loss"])):
+        at = " | ".join(f"{loss_at_step(r['evals'], k):.1f}" for k in at_steps).replace("nan", "—")
         lines.append(f"| {r['name']} | `{r['setting']}` | {r['steps']} | {r['median_step_s']:.3f} | "
-                     f"{r['final_loss']:.2f}{' (diverged)' if r['diverged'] else ''} |")
+                     f"{r['final_loss']:.2f}{' (diverged)' if r['diverged'] else ''} | {at} |")
     return "\n".join(lines) + "\n"
 
 
