@@ -56,8 +56,9 @@ RECIPES: dict[str, lwcompile.Config] = {
     "defaults": lwcompile.Config(),
     # LocoProp-M with fewer, larger inner steps and a larger γ: the study's best LocoProp-M (a proposed default)
     "proposed-M": lwcompile.Config(steps=3, gamma=30.0, inner_lr=1e-4),
-    "best": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=300.0,
-                             prox=30.0),
+    # LocoProp-S with the exact inner solve; γ and λ from benchmarks/recipe_study.py (docs/performance.md)
+    "best": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=500.0,
+                             prox=50.0),
 }
 GRID = {"adam": (1e-3, 3e-3), "rmsprop": (3e-4, 1e-3)}
 QUICK_GRID = {"adam": (1e-3, 3e-3), "rmsprop": (1e-3,)}
