@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
     p.add_argument("--targets", default=None, help="loss targets, comma-separated (default 100,80,70 on MNIST)")
     p.add_argument("--budget-s", type=float, default=None, help="clocked seconds per method (default 150; quick 3)")
-    p.add_argument("--grid-s", type=float, default=None, help="clocked seconds per grid lr (default 12; quick 1)")
+    p.add_argument("--grid-s", type=float, default=None, help="clocked seconds per grid lr (default 20; quick 1)")
     p.add_argument("--eval-every", type=float, default=None, help="min clocked seconds between evals (default 2)")
     p.add_argument("--method-budget", default="", help="per-method budgets, e.g. defaults=60,peer=120")
     p.add_argument("--deadline-s", type=float, default=math.inf, help="start no method after this many seconds")
@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     targets = tuple(float(t) for t in a.targets.split(",")) if a.targets else TARGETS[name]
     budget = a.budget_s if a.budget_s is not None else (3.0 if a.quick else 150.0)
-    grid_s = a.grid_s if a.grid_s is not None else (1.0 if a.quick else 12.0)
+    grid_s = a.grid_s if a.grid_s is not None else (1.0 if a.quick else 20.0)
     eval_every = a.eval_every if a.eval_every is not None else (0.2 if a.quick else 2.0)
     res = run_benchmark(x_train, x_eval, sizes, batch_size, methods, targets, budget, QUICK_GRID if a.quick else GRID,
                         grid_s, eval_every, seed=a.seed, deadline_s=a.deadline_s,
