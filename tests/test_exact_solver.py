@@ -212,3 +212,16 @@ def test_onnx_export_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(lwcompile.errors.ExportError, match="exact.*ONNX"):
         prog.export_onnx(str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_frozen_bias_stays_and_the_weight_solves_against_it():
+    net = nn.Sequential(nn.Linear(4, 3)).double()
+    net[0].bias.requires_grad_(False)
+    x, y = torch.randn(32, 4, dtype=D64), torch.randn(32, 3, dtype=D64)
+    prog = lwcompile.transform(net, F.mse_loss, (x,), _cfg(prox=0.0).replace(gamma=3.0))
+    b0 = net[0].bias.detach().clone()
+    a = prog.compute_targets(x, y)["targets"]["0"]
+    prog.step(x, y)
+    assert torch.equal(net[0].bias, b0)
+    W_ref = torch.linalg.lstsq(x, a - b0).solution.T  # the best weight given the fixed bias
+    torch.testing.assert_close(net[0].weight.detach(), W_ref, rtol=1e-9, atol=1e-9)
