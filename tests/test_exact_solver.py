@@ -225,3 +225,16 @@ def test_a_frozen_bias_stays_and_the_weight_solves_against_it():
     assert torch.equal(net[0].bias, b0)
     W_ref = torch.linalg.lstsq(x, a - b0).solution.T  # the best weight given the fixed bias
     torch.testing.assert_close(net[0].weight.detach(), W_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_a_system_float32_cholesky_cannot_factor_is_solved_in_float64():
+    g = torch.Generator().manual_seed(1)  # seed chosen so that float32 Cholesky fails on a positive definite matrix
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=D64))
+    gram = ((Q * torch.tensor([1, 1, 1, 1, 1e-3, 1e-6, 1e-8, 1e-8], dtype=D64)) @ Q.T).float()
+    assert torch.linalg.cholesky_ex(gram).info.item() != 0  # the path under test is taken
+    assert torch.linalg.eigvalsh(gram.double()).min() > 0
+    rhs = gram.double() @ torch.randn(8, 2, generator=g, dtype=D64)  # a solution of size 1
+    got = torch.ops.lwcompile.spd_solve(gram, rhs.float(), "blk", 0.0)
+    ref = torch.linalg.solve(gram.double(), rhs.float().double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
