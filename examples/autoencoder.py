@@ -3,7 +3,7 @@
 The paper's recipe (LocoProp-M on MNIST): batch 1000, γ = 10, T = 10 inner iterations of TF1-style RMSProp
 (momentum 0.999, decay 0.9, ε = 1e-5) with inner step lr·max(1 − k/T, 0.25), base inner lr 1e-5 with the
 official code's per-epoch schedule (linear warm-up e/5 over 5 epochs, so epoch 0 runs at lr 0, then linear
-decay 1 − (e + 1 − 5)/95), no proximal term. The train loss logged per epoch is the official code's: the task
+decay 1 − (e + 1 − 5)/95; Config's inner-lr schedule fields from ``reference_schedule``), no proximal term. The train loss logged per epoch is the official code's: the task
 loss over the whole training set at the end of the epoch (the mean of the epoch's batch losses is logged too).
 
     python examples/autoencoder.py                          # MNIST at ../shared/data/mnist if present, 5 epochs
@@ -23,14 +23,15 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 import lwcompile
 from lwcompile.experiments.data import batches, load_images
 from lwcompile.experiments.models import (backprop_optimizer, AUTOENCODER_SIZES, bce_sum, deep_autoencoder,
-                                          outputs_to_logits, reference_lr_factor, sigmoid_xent_sum)
+                                          outputs_to_logits, reference_schedule, sigmoid_xent_sum)
+from lwcompile.schedule import schedule_factor
 
 DIGITS_SIZES = (64, 32, 16, 8, 16, 32, 64)  # the same shape of net, scaled to 8x8 inputs
 
@@ -57,22 +58,28 @@ def full_loss(logits_model: torch.nn.Module, x: torch.Tensor, chunk: int = 10_00
 
 
 class Trainer:
-    """One method on one model: ``step(x, lr_factor) -> loss`` and ``logits_model`` for evaluation."""
+    """One method on one model: ``step(x) -> loss``, ``lr`` (the next step's) and ``logits_model`` for evaluation.
+
+    ``schedule`` holds Config's inner-lr schedule fields (e.g. :func:`reference_schedule`): the program follows them
+    itself; the backprop baselines' optimizer lr follows the same factors (:func:`schedule_factor`).
+    """
 
     def __init__(self, method: str, sizes: Sequence[int], example: torch.Tensor, seed: int = 0, lr: float | None = None,
                  gamma: float = 10.0, steps: int = 10, inner_lr: float = 1e-5, momentum: float = 0.999,
                  decay: float = 0.9, eps: float = 1e-5, inner_lr_decay: bool = True, prox: float = 0.0,
-                 output_sigmoid: bool = True) -> None:
+                 output_sigmoid: bool = True, schedule: Mapping[str, Any] | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
+        self.schedule = lwcompile.Config(**dict(schedule or {}))  # only its schedule fields are read
+        self.steps_done = 0
         self.program: lwcompile.Program | None = None
         if method in LOCOPROP:
             target, local = LOCOPROP[method]
             self.model = deep_autoencoder(sizes, seed=seed, output_sigmoid=output_sigmoid)
             cfg = lwcompile.Config(target=target, local_loss=local, gamma=gamma, steps=steps,
                                    inner_optimizer="rmsprop_tf1", inner_lr=inner_lr, momentum=momentum, decay=decay,
-                                   eps=eps, inner_lr_decay=inner_lr_decay, prox=prox)
+                                   eps=eps, inner_lr_decay=inner_lr_decay, prox=prox, **dict(schedule or {}))
             self.program = lwcompile.transform(self.model, bce_sum if output_sigmoid else sigmoid_xent_sum,
                                                (example,), cfg)
             self.base_lr = inner_lr
@@ -82,20 +89,20 @@ class Trainer:
             self.opt = backprop_optimizer(BACKPROP[method], self.model.parameters(), self.base_lr)
         self.logits_model = outputs_to_logits(self.model)
 
-    def set_lr_factor(self, factor: float) -> float:
-        # The schedule's epoch 0 runs at lr 0 (Program.inner_lr = 0 is allowed): the weights stay put while the
-        # RMSProp mean-square slots warm up, as in the official code.
-        lr = self.base_lr * factor
+    @property
+    def lr(self) -> float:
+        """The next step's learning rate (the paper's schedule runs epoch 0 at 0: the weights stay put while the
+        RMSProp mean-square slots warm up, as in the official code)."""
         if self.program is not None:
-            self.program.inner_lr = lr
-        else:
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-        return lr
+            return self.program.effective_inner_lr
+        return self.base_lr * schedule_factor(self.schedule, self.steps_done)
 
     def step(self, xb: torch.Tensor) -> float:
         if self.program is not None:
             return self.program.step(xb, xb)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        self.steps_done += 1
         self.opt.zero_grad(set_to_none=True)
         loss = sigmoid_xent_sum(self.model(xb), xb)
         loss.backward()
@@ -117,13 +124,14 @@ def train(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         x_train = x_train[:args.train_subset]
     sizes = AUTOENCODER_SIZES if name == "mnist" else DIGITS_SIZES
     batch_size = args.batch_size or (1000 if name == "mnist" else 100)
-    trainer = Trainer(args.method, sizes, x_train[:batch_size], seed=args.seed, lr=args.lr, gamma=args.gamma,
-                      steps=args.steps, inner_lr=args.inner_lr, momentum=args.momentum, decay=args.decay,
-                      eps=args.eps, inner_lr_decay=not args.no_inner_lr_decay, prox=args.prox,
-                      output_sigmoid=args.output_layer == "sigmoid")
     steps_per_epoch = x_train.shape[0] // batch_size
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    schedule = reference_schedule(steps_per_epoch, args.warmup_epochs, args.schedule_epochs) if args.schedule else {}
+    trainer = Trainer(args.method, sizes, x_train[:batch_size], seed=args.seed, lr=args.lr, gamma=args.gamma,
+                      steps=args.steps, inner_lr=args.inner_lr, momentum=args.momentum, decay=args.decay,
+                      eps=args.eps, inner_lr_decay=not args.no_inner_lr_decay, prox=args.prox,
+                      output_sigmoid=args.output_layer == "sigmoid", schedule=schedule)
     print(f"data={name} train={tuple(x_train.shape)} test={tuple(x_test.shape)} sizes={sizes} batch={batch_size} "
           f"method={args.method} epochs={args.epochs} steps/epoch={steps_per_epoch} threads={torch.get_num_threads()}",
           flush=True)
@@ -139,8 +147,7 @@ def train(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     bar = tqdm(total=args.epochs * steps_per_epoch, desc=args.method, unit="step", dynamic_ncols=True,
                disable=args.no_progress)
     for epoch in range(args.epochs):
-        lr = trainer.set_lr_factor(reference_lr_factor(epoch, args.warmup_epochs, args.schedule_epochs)
-                                   if args.schedule else 1.0)
+        lr = trainer.lr  # constant within an epoch (the schedule's interval is the epoch)
         losses, times = [], []
         for i, xb in enumerate(batches(x_train, batch_size, epoch=epoch, seed=args.seed)):
             if i >= steps_per_epoch:

@@ -14,9 +14,11 @@ The factory contract: ``FACTORY()`` (no arguments) returns one of
 
 ``example_inputs`` is a tensor or a tuple of tensors (the model's positional inputs); ``loss_fn(output, *labels)``
 returns the scalar task loss and may be ``None``. ``--loss`` overrides it (default, when neither gives one: MSE).
-The labels fix the target graph's label shapes: the factory's ``example_labels``, else zeros of ``--labels-shape``
-(and ``--labels-dtype``), else zeros shaped like the model's output. Every exported graph has the static shapes of
-these examples. ``MODULE`` is an importable module or a path to a ``.py`` file.
+The labels fix the target graph's label shapes and dtypes: the factory's ``example_labels``, else zeros of
+``--labels-shape`` (and ``--labels-dtype``), else what the loss takes (:mod:`lwcompile.labels`: class indices for
+cross-entropy and NLL, output-shaped floats for MSE, L1, BCE, ...), else zeros shaped like the model's output. Every
+exported graph runs any batch size (its first dimension is dynamic). ``MODULE`` is an importable module or a path
+to a ``.py`` file.
 
 Example:
     >>> import argparse
@@ -82,13 +84,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--devices", type=parse_devices, help="place the blocks on N simulated devices or on cuda:0,cuda:1,... "
                                                      "(recorded per block in the manifest)")
     p.add_argument("--mode", choices=("replicated", "partitioned"), default="replicated", help="placement mode")
-    p.add_argument("--labels-shape", type=_shape, help="example labels' shape, e.g. 32,4 (default: the output's)")
+    p.add_argument("--labels-shape", type=_shape,
+                   help="example labels' shape, e.g. 32,4 (default: what the loss takes: class indices for "
+                        "cross_entropy and nll, else the output's shape)")
     p.add_argument("--labels-dtype", choices=("float32", "float64", "int64"), default=None,
-                   help="example labels' dtype (default float32; int64 for class indices)")
+                   help="example labels' dtype (default: the loss's; float32 for an unknown loss)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--no-training", action="store_true", help="skip the onnxruntime-training artifacts")
-    p.add_argument("--artifact-optimizer", choices=("sgd", "adamw"), default="sgd",
-                   help="optimizer of the training artifacts (sgd equals inner_optimizer=gd)")
+    p.add_argument("--artifact-optimizer", choices=("auto", "sgd", "adam", "adamw"), default="auto",
+                   help="optimizer of the training artifacts (auto: sgd for inner_optimizer=gd and adam for adam, "
+                        "which reproduce them exactly; sgd otherwise)")
     p.set_defaults(func=run)
     return p
 
@@ -114,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         loss_fn = _loss(args.loss)
     loss_fn = loss_fn or F.mse_loss
     if labels is None:
-        labels = _default_labels(model, inputs, args.labels_shape, args.labels_dtype)
+        labels = _default_labels(model, inputs, args.labels_shape, args.labels_dtype, loss_fn)
     names = ("target", "local_loss", "gamma", "steps", "inner_optimizer", "inner_lr", "prox", "outer_optimizer",
              "outer_lr")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
@@ -150,11 +155,17 @@ def _loss(name: str) -> Callable[..., torch.Tensor]:
     raise ConfigError(f"--loss {name!r}: use one of {sorted(LOSSES)} or MODULE:FUNCTION{hint}.")
 
 
-def _default_labels(model: nn.Module, inputs: tuple, shape: tuple[int, ...] | None, dtype: str | None) -> tuple:
+def _default_labels(model: nn.Module, inputs: tuple, shape: tuple[int, ...] | None, dtype: str | None,
+                    loss_fn: Callable[..., torch.Tensor] | None = None) -> tuple:
     dt = getattr(torch, dtype or "float32")
     if shape is not None:
         return (torch.zeros(shape, dtype=dt),)
-    from lwcompile.passes.trace import preserved_state
+    from lwcompile.labels import infer_example_labels
+    from lwcompile.passes.state import preserved_state
+
+    labels = None if loss_fn is None or dtype else infer_example_labels(model, inputs, loss_fn)
+    if labels is not None:
+        return labels
 
     with preserved_state(model), torch.no_grad():  # a forward for the output's shape; BatchNorm stats put back
         out = model(*inputs)
@@ -162,8 +173,6 @@ def _default_labels(model: nn.Module, inputs: tuple, shape: tuple[int, ...] | No
         raise ConfigError(f"the model returns {type(out).__name__}, not one tensor: pass example labels from the "
                           "factory (its 4th item) or --labels-shape.")
     return (torch.zeros(out.shape, dtype=dt if dtype else out.dtype),)
-
-
 
 
 def _shape(text: str) -> tuple[int, ...]:

@@ -7,18 +7,21 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lwcompile.errors import ConfigError
+from lwcompile.passes.local_losses import LOSS_RULES, TARGET_RULES
 
-TARGETS = ("gd_pre", "dual_md_pre", "gd_post", "md_post")
-LOCAL_LOSSES = ("squared_pre", "squared_post", "matching", "dual_bregman")
+# Target kinds and local losses are rows of passes/local_losses.py; what Config validates is read from them.
+TARGETS = tuple(TARGET_RULES)
+LOCAL_LOSSES = tuple(LOSS_RULES)
 INNER_OPTIMIZERS = ("gd", "momentum", "rmsprop", "rmsprop_tf1", "adam", "exact")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "none")
 FRONTENDS = ("auto", "fx", "export")
+INNER_LR_ANNEALS = ("none", "linear", "cosine")
 
 # Which activation space each target lives in and each local loss compares in.
-TARGET_SPACE = {"gd_pre": "pre", "dual_md_pre": "pre", "gd_post": "post", "md_post": "post"}
-LOSS_SPACE = {"squared_pre": "pre", "dual_bregman": "pre", "squared_post": "post", "matching": "post"}
+TARGET_SPACE = {name: rule.space for name, rule in TARGET_RULES.items()}
+LOSS_SPACE = {name: rule.space for name, rule in LOSS_RULES.items()}
 # The pairs of METHOD.md, for which T=1 plain GD equals SGD at lr η·γ.
-PAIRS = {"gd_pre": "squared_pre", "dual_md_pre": "dual_bregman", "gd_post": "squared_post", "md_post": "matching"}
+PAIRS = {name: rule.pair for name, rule in TARGET_RULES.items()}
 
 # Optimizer defaults where a field is left None (torch's for the torch-semantics ones, the paper's for rmsprop_tf1).
 _INNER_DEFAULTS = {
@@ -36,6 +39,30 @@ EXACT_LOSSES = ("squared_pre",)  # local losses quadratic in the weights: what i
 class Config:
     """How to compile and train. Defaults are the paper's LocoProp-M recipe, except that the official code's inner
     step decay lr·max(1 − k/T, 0.25) is off unless ``inner_lr_decay=True``.
+
+    The inner learning rate's schedule over training (positions count ``Program.step`` calls, i.e. the program's
+    ``step_count``; not the T inner iterations, which ``inner_lr_decay`` shapes). The next step's inner lr is
+    ``prog.inner_lr × factor(step_count)`` (:func:`lwcompile.schedule.schedule_factor`); the factor is computed at
+    the first step of each interval of ``inner_lr_schedule_every`` steps and held for the whole interval:
+
+    - ``inner_lr_warmup_steps`` (int >= 0, default 0): steps of linear warm-up. An interval starting at step
+      q < warmup runs at ``start + (1 − start)·q/warmup``, so the first one runs at the start fraction.
+    - ``inner_lr_warmup_start`` (float in [0, 1], default 0.0): the warm-up's first factor (0: the first interval
+      moves no block weight while the optimizer slots fill, as in the paper's official code).
+    - ``inner_lr_anneal`` ("none" | "linear" | "cosine", default "none"): the shape of the decay after the warm-up.
+      With fraction p = min((q − warmup + every)/anneal_steps, 1) of the annealing done at the interval's end,
+      "linear" runs at ``1 − (1 − end)·p`` and "cosine" at ``end + (1 − end)·(1 + cos πp)/2``; so the last
+      annealing interval runs at the end fraction, and every later step too.
+    - ``inner_lr_anneal_steps`` (int >= 0, default 0; >= 1 when annealing): how many steps the annealing lasts.
+    - ``inner_lr_anneal_end`` (float in [0, 1], default 0.0): the factor the annealing ends at.
+    - ``inner_lr_schedule_every`` (int >= 1, default 1): steps per interval; steps per epoch gives a per-epoch
+      schedule. The paper's (official code: epoch e runs at e/5 for e < 5, then 1 − (e + 1 − 5)/95) is
+      ``warmup_steps=5·S, anneal="linear", anneal_steps=95·S, schedule_every=S`` for S steps per epoch,
+      bit for bit (``lwcompile.experiments.models.reference_schedule``).
+
+    The defaults are a constant inner lr (factor 1 at every step): a program does not know how long it will be
+    trained, every earlier result and the SGD identity assume a constant lr, and the paper's default inner lr (1e-5
+    with TF1-RMSProp, whose mean-square slots start at one) is already small enough not to need a warm-up.
 
     Example:
         >>> import lwcompile
@@ -65,6 +92,12 @@ class Config:
     skip: tuple[str, ...] = ()
     frontend: str = "auto"
     check_finite: bool = True
+    inner_lr_warmup_steps: int = 0
+    inner_lr_warmup_start: float = 0.0
+    inner_lr_anneal: str = "none"
+    inner_lr_anneal_steps: int = 0
+    inner_lr_anneal_end: float = 0.0
+    inner_lr_schedule_every: int = 1
 
     def __post_init__(self) -> None:
         _choice("target", self.target, TARGETS)
@@ -112,6 +145,7 @@ class Config:
                                   r"skip=(r'^head\.', 'Embedding').") from e
         if isinstance(self.outer_options, dict):
             object.__setattr__(self, "outer_options", tuple(sorted(self.outer_options.items())))
+        _check_schedule(self)
 
     def optimizer_options(self) -> dict[str, Any]:
         """The inner optimizer's options with its defaults filled in."""
@@ -124,6 +158,23 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+def _check_schedule(c: Config) -> None:
+    """The inner-lr schedule fields (see Config's docstring and :mod:`lwcompile.schedule`)."""
+    for name, low in (("inner_lr_warmup_steps", 0), ("inner_lr_anneal_steps", 0), ("inner_lr_schedule_every", 1)):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"Config.{name}={v!r}: must be an int >= {low} (a count of training steps, i.e. "
+                              "Program.step calls; not inner iterations).")
+    for name in ("inner_lr_warmup_start", "inner_lr_anneal_end"):
+        v = getattr(c, name)
+        if not (_real(v) and 0.0 <= v <= 1.0):
+            raise ConfigError(f"Config.{name}={v!r}: must be a fraction of inner_lr in [0, 1].")
+    _choice("inner_lr_anneal", c.inner_lr_anneal, INNER_LR_ANNEALS)
+    if c.inner_lr_anneal != "none" and c.inner_lr_anneal_steps < 1:
+        raise ConfigError(f"Config.inner_lr_anneal={c.inner_lr_anneal!r} needs inner_lr_anneal_steps >= 1 (how many "
+                          "training steps the annealing lasts), got 0.")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

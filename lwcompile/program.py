@@ -24,10 +24,10 @@ from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.partition import Partition
 from lwcompile.passes.signatures import InnerSignature, TargetSignature
 from lwcompile.passes.stages import Stage, build_layout
-from lwcompile.passes.state import preserved_state
 from lwcompile.passes.targets import build_target_graph, make_target_fn
 from lwcompile.pipeline import compile_model
-from lwcompile import rollback
+from lwcompile.schedule import schedule_factor
+from lwcompile import checkpoint, rollback
 from lwcompile.runtime.local import Runner, check_runnable, run_jobs
 
 
@@ -52,11 +52,11 @@ class Program:
         (['0', '2'], <class 'float'>)
     """
 
+    # labels to trace the target graph for at export (set by lwcompile.transform(..., example_labels=))
+    example_labels: tuple | None = None
+
     def __init__(self, model: nn.Module, loss_fn: Callable, example_inputs: tuple, config: Config) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.config = config
-        self.example_inputs = example_inputs
+        self.model, self.loss_fn, self.config, self.example_inputs = model, loss_fn, config, example_inputs
         self._inner_lr = float(config.inner_lr)
         self._target_cache: dict[tuple, tuple[fx.GraphModule, TargetSignature]] = {}
         self._inner_cache: dict[tuple, fx.GraphModule] = {}
@@ -145,15 +145,20 @@ class Program:
 
     @property
     def inner_lr(self) -> float:
+        """The base inner lr (``Config.inner_lr`` until set between steps); the schedule multiplies it."""
         return self._inner_lr
 
     @inner_lr.setter
     def inner_lr(self, lr: float) -> None:
-        """Change the inner learning rate between steps (schedules); the graphs take it as an input."""
-        # 0 is allowed: the official schedule's first warm-up epoch runs at lr 0 while optimizer slots fill.
+        # 0 is allowed: a hand-written warm-up may run at lr 0 while optimizer slots fill.
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
             raise ConfigError(f"inner_lr={lr!r}: must be a finite number >= 0.")
         self._inner_lr = float(lr)
+
+    @property
+    def effective_inner_lr(self) -> float:
+        """The next step's inner lr: ``inner_lr × schedule_factor(config, step_count)`` (:mod:`lwcompile.schedule`)."""
+        return self._inner_lr * schedule_factor(self.config, self.step_count)
 
     @property
     def inner_state(self) -> Mapping[str, tuple[torch.Tensor, ...]]:
@@ -204,15 +209,17 @@ class Program:
         inputs = self.example_inputs if example_inputs is None else as_tuple(example_inputs)
         return self._target_for(inputs, as_tuple(example_labels))[0]
 
-    def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None) -> fx.GraphModule:
+    def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None,
+                    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> fx.GraphModule:
         """The inner-update GraphModule of block ``name`` for a batch size (default: the example's) and dtype
-        (default: the block weight's)."""
+        (default: the block weight's); ``shapes`` = (input shape, target shape) overrides the batch size."""
         block = self._block(name)
         b = block.input_shape[0] if batch is None else batch
         dtype = self._param(block.weight).dtype if dtype is None else dtype
-        key = (name, b, dtype)
+        xs, ts = shapes if shapes is not None else ((b, *block.input_shape[1:]), (b, *block.output_shape[1:]))
+        key = (name, tuple(xs), tuple(ts), dtype)
         if key not in self._inner_cache:
-            example = inner_example(block, self.config, b, dtype=dtype)
+            example = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts))
             self._inner_cache[key] = build_inner_graph(block, self.config, example)
         return self._inner_cache[key]
 
@@ -225,14 +232,9 @@ class Program:
         """Block ``name``'s inner graph signature (inputs and outputs by name)."""
         return self._inner_sigs[self._block(name).name]
 
-    def inner_io_names(self, name: str) -> tuple[list[str], list[str]]:
-        sig = self.inner_signature(name)
-        return sig.input_names, sig.output_names
-
     def _block(self, name: str) -> Block:
-        for b in self.blocks:
-            if b.name == name:
-                return b
+        for b in (b for b in self.blocks if b.name == name):
+            return b
         raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.blocks]}")
 
     # ------------------------------------------------------------------ the training step
@@ -265,10 +267,11 @@ class Program:
             if names is not None and b.name not in names:
                 continue
             x = inputs[b.name].contiguous()  # the inner graphs are traced for contiguous inputs
-            lr = torch.tensor(self._inner_lr, dtype=x.dtype, device=x.device)
+            lr = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
             args = self.inner_signature(b.name).pack([self._param(p).detach() for p in b.params], x,
                                                      targets[b.name].contiguous(), lr, self._inner_state[b.name])
-            jobs[b.name] = (self.inner_graph(b.name, x.shape[0], x.dtype), args)
+            shapes = (tuple(x.shape), tuple(targets[b.name].shape))
+            jobs[b.name] = (self.inner_graph(b.name, dtype=x.dtype, shapes=shapes), args)
         return jobs
 
     def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None,
@@ -335,6 +338,18 @@ class Program:
         layout = build_layout(self.tapped, self.blocks, self.nonblock, block_rank)
         return Stage(self.tapped, layout, rank, self.blocks)
 
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the training state beyond ``model.state_dict()`` (optimizer states, ``step_count``, ``inner_lr``,
+        a fingerprint): tensors and plain values, for ``torch.save`` (see :mod:`lwcompile.checkpoint`)."""
+        return checkpoint.program_state(self, self._outer)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (and ``model.load_state_dict``): later steps are bit-identical to never
+        stopping. Another program's state (blocks, shapes, Config) is refused, changing nothing."""
+        self.check_guards()  # the fresh outer optimizer must step the tensors the graphs use now
+        inner, outer, count, lr = checkpoint.read_state(self, state_dict, self._make_outer())
+        self._inner_state, self._outer, self.step_count, self._inner_lr = inner, outer, count, lr
+
     def outer_state(self) -> dict[str, dict[str, Any]]:
         """The outer optimizer's slots by non-block parameter name (empty without an outer optimizer)."""
         return self._outer.state_by_name() if self._outer is not None else {}
@@ -356,20 +371,9 @@ class Program:
     def profile(self, x: Any, y: Any, repeats: int = 3) -> dict[str, float]:
         """Measured seconds of each block's inner loop on this batch (median of ``repeats``); pass the result
         to :meth:`plan` as ``profile=`` to replace the FLOP estimate. Nothing in the model changes."""
-        with preserved_state(self.model):  # the forward would move BatchNorm statistics
-            res = self.compute_targets(x, y)
-        jobs = self.inner_jobs(res["inputs"], res["targets"])
-        out = {}
-        with torch.no_grad():
-            for name, (fn, args) in jobs.items():
-                fn(*args)  # warm-up
-                times = []
-                for _ in range(max(1, repeats)):
-                    t0 = time.perf_counter()
-                    fn(*args)
-                    times.append(time.perf_counter() - t0)
-                out[name] = sorted(times)[len(times) // 2]
-        return out
+        from lwcompile.profiling import profile_blocks
+
+        return profile_blocks(self, x, y, repeats)
 
     # ------------------------------------------------------------------ placement and export
     def plan(self, devices: Sequence[str] | int = 1, mode: str = "replicated", profile: Mapping[str, float] | None = None,

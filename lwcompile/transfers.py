@@ -1,8 +1,8 @@
 """Registering your own element-wise transfer function, without editing lwcompile.
 
-``register_transfer(name, f, F, ...)`` adds one row to the transfer table (:mod:`lwcompile.passes.transfer`) and
-tells the partitioner (the tables of :mod:`lwcompile.passes.registry`) which module classes, functions and tensor
-methods compute it. After that, a linear op followed by one of them is a block with ``transfer == name``: the
+``register_transfer(name, f, F, ...)`` builds one :class:`~lwcompile.passes.transfer_rows.row.TransferRow` (f, f′,
+F, and the module classes, functions and tensor methods that compute it) and adds it to the transfer table with
+:func:`lwcompile.passes.transfer.add_transfer_row`; the partitioner's lookups are computed from the rows. After that, a linear op followed by one of them is a block with ``transfer == name``: the
 targets, the inner updates (they need f and f′ only) and the reported matching-loss values (F) use your functions.
 
 What is registered is process-global, like the built-in tables: register before ``lwcompile.transform`` and keep
@@ -21,13 +21,11 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from lwcompile.errors import ConfigError
-from lwcompile.passes import registry as R
-from lwcompile.passes.transfer import TRANSFERS, Transfer
+from lwcompile.passes.transfer import (BUILTIN_TRANSFERS, TRANSFERS, TransferRow, add_transfer_row,
+                                       remove_transfer_row)
 
-# The rows lwcompile ships: never replaced, so the ONNX tables and the docs stay true.
-_BUILTIN = frozenset(TRANSFERS)
-# What each registered name added to the partitioner's tables, so that replace=True / unregister undo exactly that.
-_ADDED: dict[str, tuple[tuple[type, ...], tuple[Any, ...], tuple[str, ...]]] = {}
+# The names registered here, in registration order.
+_ADDED: dict[str, None] = {}
 
 
 def register_transfer(name: str, f: Callable[..., torch.Tensor], F: Callable[..., torch.Tensor],
@@ -67,7 +65,7 @@ def register_transfer(name: str, f: Callable[..., torch.Tensor], F: Callable[...
     """
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise ConfigError(f"register_transfer: name must be a Python identifier such as 'swish2', got {name!r}.")
-    if name in _BUILTIN:
+    if name in BUILTIN_TRANSFERS:
         raise ConfigError(f"register_transfer: {name!r} is a built-in transfer function and cannot be replaced; "
                           "register yours under another name.")
     if name in TRANSFERS and not replace:
@@ -80,31 +78,17 @@ def register_transfer(name: str, f: Callable[..., torch.Tensor], F: Callable[...
                           "so an antiderivative up to a constant is enough).")
     opts = _names(name, "options", options)
     mods, fns, meths = _matchers(name, modules, functions, methods)
-    row = _row(f, F, fprime)
+    row = _row(name, f, F, fprime, opts, mods, fns, meths)
     _check_row(name, row, f, opts)
-    if name in TRANSFERS:
-        unregister_transfer(name)
-    TRANSFERS[name] = row
-    R.TRANSFER_OPTIONS[name] = opts
-    R.TRANSFER_MODULES.update({m: name for m in mods})
-    R.TRANSFER_FUNCTIONS.update({fn: name for fn in fns})
-    R.TRANSFER_METHODS.update({m: name for m in meths})
-    _ADDED[name] = (mods, fns, meths)
+    add_transfer_row(row, replace=replace)  # refuses a spelling another row claims, changing nothing
+    _ADDED.pop(name, None)
+    _ADDED[name] = None
 
 
 def unregister_transfer(name: str) -> None:
     """Remove a transfer added by :func:`register_transfer` and its module/function/method entries."""
-    if name in _BUILTIN:
-        raise ConfigError(f"unregister_transfer: {name!r} is built in and cannot be removed.")
-    if name not in _ADDED:
-        raise ConfigError(f"unregister_transfer: no registered transfer {name!r}; registered: {sorted(_ADDED)}.")
-    mods, fns, meths = _ADDED.pop(name)
-    for table, keys in ((R.TRANSFER_MODULES, mods), (R.TRANSFER_FUNCTIONS, fns), (R.TRANSFER_METHODS, meths)):
-        for k in keys:
-            if table.get(k) == name:
-                del table[k]
-    R.TRANSFER_OPTIONS.pop(name, None)
-    TRANSFERS.pop(name, None)
+    remove_transfer_row(name)
+    _ADDED.pop(name, None)
 
 
 def registered_transfers() -> tuple[str, ...]:
@@ -125,7 +109,7 @@ def _names(name: str, what: str, values: Iterable[str]) -> tuple[str, ...]:
 
 def _matchers(name: str, modules: Iterable[type], functions: Iterable[Callable],
               methods: Iterable[str]) -> tuple[tuple[type, ...], tuple[Any, ...], tuple[str, ...]]:
-    """Validate the spellings and refuse any that another transfer already claims (a replaced row's own may stay)."""
+    """Validate the spellings (whether another row claims one is :func:`add_transfer_row`'s to say)."""
     if isinstance(modules, type) or callable(functions) or isinstance(methods, str):
         raise ConfigError(f"register_transfer({name!r}): modules, functions and methods take tuples, "
                           "e.g. modules=(MyAct,).")
@@ -141,34 +125,24 @@ def _matchers(name: str, modules: Iterable[type], functions: Iterable[Callable],
     if not (mods or fns or meths):
         raise ConfigError(f"register_transfer({name!r}): give at least one of modules=, functions=, methods= so "
                           "the partitioner can find it in a model.")
-    mine = _ADDED.get(name, ((), (), ()))
-    for table, keys, own in ((R.TRANSFER_MODULES, mods, mine[0]), (R.TRANSFER_FUNCTIONS, fns, mine[1]),
-                             (R.TRANSFER_METHODS, meths, mine[2])):
-        for k in keys:
-            try:
-                owner = table.get(k)
-            except TypeError:  # unhashable
-                raise ConfigError(f"register_transfer({name!r}): {k!r} is not hashable.") from None
-            if owner is not None and not (owner == name and k in own):
-                raise ConfigError(f"register_transfer({name!r}): {getattr(k, '__name__', k)!r} is already the "
-                                  f"transfer {owner!r}; one op maps to one transfer.")
     return mods, fns, meths
 
 
-def _row(f: Callable, F: Callable, fprime: Callable | None) -> Transfer:
-    if fprime is not None:
-        return Transfer(f=lambda z, kw: f(z, **kw), vjp=lambda z, v, kw: fprime(z, **kw) * v,
-                        F=lambda z, kw: F(z, **kw))
-
+def _row(name: str, f: Callable, F: Callable, fprime: Callable | None, opts: tuple[str, ...],
+         mods: tuple[type, ...], fns: tuple[Any, ...], meths: tuple[str, ...]) -> TransferRow:
     def vjp(z: torch.Tensor, v: torch.Tensor, kw: dict) -> torch.Tensor:
         # torch.func ignores an outer no_grad and traces under make_fx, unlike a requires_grad copy of z.
         _, pull = torch.func.vjp(lambda t: f(t, **kw), z)
         return pull(v)[0]
 
-    return Transfer(f=lambda z, kw: f(z, **kw), vjp=vjp, F=lambda z, kw: F(z, **kw))
+    aten = tuple(fn for fn in fns if isinstance(fn, torch._ops.OpOverload))
+    return TransferRow(name=name, f=lambda z, kw: f(z, **kw), F=lambda z, kw: F(z, **kw),
+                       fprime=None if fprime is None else (lambda z, kw: fprime(z, **kw)),
+                       jacobian_vjp=vjp if fprime is None else None, options=opts, modules=mods,
+                       functions=tuple(fn for fn in fns if fn not in aten), aten=aten, methods=meths)
 
 
-def _check_row(name: str, row: Transfer, f: Callable, opts: tuple[str, ...]) -> None:
+def _check_row(name: str, row: TransferRow, f: Callable, opts: tuple[str, ...]) -> None:
     """Run f, f′·v and F eagerly and under make_fx on a small tensor: a bad row fails here, not inside transform.
 
     Only when f can be called without its options (they have defaults): lwcompile cannot invent their values.

@@ -70,16 +70,21 @@ def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Ten
 
 
 def inner_example(block: Block, config: Config, batch: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-    """Zero tensors with the shapes of the inner graph's inputs (for tracing and export)."""
+                  dtype: torch.dtype = torch.float32, x_shape: tuple[int, ...] | None = None,
+                  target_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """Zero tensors with the shapes of the inner graph's inputs (for tracing and export). ``x_shape`` and
+    ``target_shape`` override the block's input and target shapes (a batch that is not the first axis, as in an
+    attention projection's (sequence, batch, features) input, changes more than ``batch``)."""
     b = block.input_shape[0] if batch is None else batch
     params = [torch.zeros(block.weight_shape, dtype=dtype)]
     if block.bias_shape is not None:
         params.append(torch.zeros(block.bias_shape, dtype=dtype))
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
-    state = opt.init(tuple(params))
-    x = torch.zeros((b, *block.input_shape[1:]), dtype=dtype)
-    t = torch.zeros((b, *block.output_shape[1:]), dtype=dtype)
+    # clones: init may return one zeros tensor for two slots (Adam's m and v), and make_fx traces one tensor
+    # passed twice as one placeholder, so the graph would read the second slot's input for both
+    state = tuple(s.clone() for s in opt.init(tuple(params)))
+    x = torch.zeros(x_shape if x_shape is not None else (b, *block.input_shape[1:]), dtype=dtype)
+    t = torch.zeros(target_shape if target_shape is not None else (b, *block.output_shape[1:]), dtype=dtype)
     return (*params, x, t, torch.tensor(config.inner_lr, dtype=dtype), *state)
 
 
@@ -98,9 +103,3 @@ def inner_signature(block: Block, config: Config) -> InnerSignature:
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
     params = ("weight", "bias") if block.bias is not None else ("weight",)
     return InnerSignature(params, len(opt.init(tuple(torch.zeros(1) for _ in params))))
-
-
-def inner_io_names(block: Block, config: Config) -> tuple[list[str], list[str]]:
-    """Input and output names of the inner graph, in order."""
-    sig = inner_signature(block, config)
-    return sig.input_names, sig.output_names

@@ -1,9 +1,13 @@
-"""The linear transforms a block can be made of: how to apply them and their weight gradient.
+"""The linear transforms a block can be made of, one :class:`LinearOpRow` per op kind in ``LINEAR_OPS``.
 
-Each kind is one row of ``LINEAR_OPS``: ``apply(x, W, b, attrs) -> z`` and
-``weight_grad(x, r, W_shape, attrs) -> (dW, db)``, where r = ∂ℓ/∂z is the residual of the local loss.
-The gradients are closed forms written with plain ops (matmul, conv), so an inner-update graph
-traces to ordinary forward ops and exports to ONNX unchanged.
+A row holds everything lwcompile knows about the op: how a traced graph spells it (module classes, functions and
+ATen overloads called ``f(input, weight, bias, *attr_args)``, or ``x @ W`` / tensor methods for matmul), how its
+attributes are read (from a module, or from a call's arguments, with their defaults), ``apply(x, W, b, attrs) -> z``,
+``weight_grad(x, r, W_shape, attrs, has_bias) -> (dW, db)`` where r = ∂ℓ/∂z is the residual of the local loss (the
+weight VJP), ``macs`` (multiply-adds per example) and its ONNX lowering: the decompositions of backward ops its
+gradient makes that torchlib lacks (``onnx_decompositions``). The weight gradients are closed forms written with
+plain ops (matmul, conv), so an inner-update graph traces to ordinary forward ops and exports to ONNX unchanged.
+The partitioner's lookups (:mod:`lwcompile.passes.registry`) are computed from the rows.
 
 Example:
     >>> import torch
@@ -11,24 +15,44 @@ Example:
     >>> dW, db = LINEAR_OPS["linear"].weight_grad(x, r, W.shape, {}, True)
     >>> torch.allclose(dW, r.T @ x) and torch.allclose(db, r.sum(0))
     True
+    >>> LINEAR_OPS["conv2d"].call_attrs((6, 4, 3, 3), [2], {"padding": "same"})
+    (('dilation', (1, 1)), ('groups', 1), ('padding', (1, 1)), ('stride', (2, 2)))
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Attrs = dict[str, Any]
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
-class LinearOp:
+class LinearOpRow:
+    """One linear op kind. ``call``: "weight" (``f(input, weight, bias, *attr_args)``) or "matmul" (``x @ W``, W
+    2-D; ``x @ Wᵀ`` is then the op named ``transposed``). ``module_attrs(mod)`` / ``call_attrs(W shape, positional
+    args after bias, keywords)`` give the attributes as a sorted tuple of items, or None when the op cannot be
+    a block (asymmetric "same" padding)."""
+
+    name: str
     apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, Attrs], torch.Tensor]
     weight_grad: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-    # multiply-adds per example, from (x shape, z shape, W shape, attrs)
-    macs: Callable[[tuple, tuple, tuple, Attrs], int]
+    macs: Callable[[tuple, tuple, tuple, Attrs], int]  # from (x shape, z shape, W shape, attrs)
+    modules: tuple[type, ...] = ()  # exact type first, then subclasses
+    functions: tuple[Any, ...] = ()  # Python functions and ATen overloads
+    methods: tuple[str, ...] = ()  # torch.Tensor method names (matmul)
+    call: str = "weight"
+    transposed: str | None = None
+    attr_args: tuple[str, ...] = ()  # positional attribute arguments after bias, in call order
+    default_attrs: Mapping[str, Any] = field(default_factory=dict)  # normalized attributes of a default call
+    module_attrs: Callable[[nn.Module], tuple | None] = lambda mod: ()
+    call_attrs: Callable[[tuple, list, dict], tuple | None] = lambda w_shape, args, kwargs: ()
+    onnx_decompositions: Mapping[Any, Callable] = field(default_factory=dict)
 
 
 def _prod(xs) -> int:
@@ -70,7 +94,66 @@ def _matmul_macs(xs, zs, ws, attrs):
     return _prod(zs[1:]) * int(ws[0])
 
 
-# ---------------------------------------------------------------- convNd and conv_transposeNd
+# ---------------------------------------------------------------- convNd and conv_transposeNd: attributes
+_CONV_ARGS = ("stride", "padding", "dilation", "groups")  # F.convNd's order after bias
+_CONV_T_ARGS = ("stride", "padding", "output_padding", "groups", "dilation")  # F.conv_transposeNd's
+_CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+
+
+def _tuple(v, nd: int) -> tuple:
+    if isinstance(v, (list, tuple)):
+        return tuple(int(a) for a in v) if len(v) == nd else tuple(int(v[0]) for _ in range(nd))
+    return (int(v),) * nd
+
+
+def _same_padding(pad: Any, dil: tuple, k: tuple, nd: int) -> tuple | None:
+    if pad == "valid":
+        return (0,) * nd
+    if pad == "same":
+        if any((d * (kk - 1)) % 2 for d, kk in zip(dil, k)):
+            return None  # asymmetric: torch pads one side more; not a plain conv
+        return tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
+    return _tuple(pad, nd)
+
+
+def _conv_attrs(nd: int, names: tuple[str, ...]) -> Callable[[tuple, list, dict], tuple | None]:
+    def read(w_shape: tuple, args: list, kwargs: dict) -> tuple | None:
+        vals = dict(zip(names, args))
+        vals.update({k: v for k, v in kwargs.items() if k in names})
+        get = lambda k: vals.get(k, _CONV_DEFAULTS[k])  # noqa: E731
+        dil = _tuple(get("dilation"), nd)
+        attrs = {"stride": _tuple(get("stride"), nd), "dilation": dil, "groups": int(get("groups"))}
+        pad = _same_padding(get("padding"), dil, tuple(w_shape[2:]), nd)
+        if pad is None:
+            return None
+        attrs["padding"] = pad
+        if "output_padding" in names:
+            attrs["output_padding"] = _tuple(get("output_padding"), nd)
+        return tuple(sorted(attrs.items()))
+
+    return read
+
+
+def _conv_module_attrs(nd: int) -> Callable[[nn.Module], tuple | None]:
+    read = _conv_attrs(nd, _CONV_ARGS)
+
+    def from_module(mod: nn.Module) -> tuple | None:
+        attrs = read(tuple(mod.weight.shape), [mod.stride, mod.padding, mod.dilation, mod.groups], {})
+        if attrs is not None and mod.padding_mode != "zeros":
+            attrs = tuple(sorted(dict(attrs, padding_mode=mod.padding_mode,
+                                      reversed_padding=tuple(mod._reversed_padding_repeated_twice)).items()))
+        return attrs
+
+    return from_module
+
+
+def _conv_t_module_attrs(nd: int) -> Callable[[nn.Module], tuple | None]:
+    read = _conv_attrs(nd, _CONV_T_ARGS)
+    return lambda mod: read(tuple(mod.weight.shape),
+                            [mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation], {})
+
+
+# ---------------------------------------------------------------- convNd and conv_transposeNd: math
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -150,10 +233,71 @@ def _conv_t_macs(xs, zs, ws, attrs):
     return _prod(xs[1:]) * _prod(ws[1:])
 
 
-LINEAR_OPS: dict[str, LinearOp] = {
-    "linear": LinearOp(_linear_apply, _linear_grad, _linear_macs),
-    "matmul": LinearOp(_matmul_apply, _matmul_grad, _matmul_macs),
-}
-for _nd in (1, 2, 3):
-    LINEAR_OPS[f"conv{_nd}d"] = LinearOp(_conv_apply(_nd), _conv_grad(_nd), _conv_macs)
-    LINEAR_OPS[f"conv_transpose{_nd}d"] = LinearOp(_conv_t_apply(_nd), _conv_t_grad(_nd), _conv_t_macs)
+# ---------------------------------------------------------------- convolutions' ONNX lowering
+def _aten_conv(x, w, stride, padding, dilation, transposed=False, output_padding=None, groups=1):
+    nd = x.dim() - 2
+    return aten.convolution.default(x, w, None, list(stride), list(padding), list(dilation), transposed,
+                                    list(output_padding or [0] * nd), groups)
+
+
+def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                          output_padding, groups, output_mask):
+    """aten.convolution_backward in forward convolutions (torchlib has no translation of it)."""
+    nd = input.dim() - 2
+    k = list(weight.shape[2:])
+    gi = gw = gb = None
+    if not transposed:
+        if output_mask[0]:
+            # adjoint of conv in its input is conv_transpose; output_padding restores the trailing positions
+            op = []
+            for d in range(nd):
+                full = (grad_output.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (k[d] - 1) + 1
+                op.append(input.shape[2 + d] - full)
+            gi = _aten_conv(grad_output, weight, stride, padding, dilation, True, op, groups)
+        if output_mask[1]:
+            gw = _conv_weight_grad_core(nd, input, grad_output, k, stride, padding, dilation, groups)
+    else:
+        if output_mask[0]:
+            gi = _aten_conv(grad_output, weight, stride, padding, dilation, False, None, groups)
+        if output_mask[1]:
+            # conv_transpose is the adjoint of conv: its weight gradient is conv's with x and gy exchanged
+            gw = _conv_weight_grad_core(nd, grad_output, input, k, stride, padding, dilation, groups)
+    if output_mask[2]:
+        gb = grad_output.sum(dim=[0] + list(range(2, grad_output.dim())))
+    return gi, gw, gb
+
+
+_CONV_ONNX = {aten.convolution_backward.default: _convolution_backward}
+
+
+# ---------------------------------------------------------------- the table
+def _conv_row(nd: int) -> LinearOpRow:
+    torch_fn, pad = getattr(torch, f"conv{nd}d"), getattr(aten, f"conv{nd}d")
+    return LinearOpRow(
+        f"conv{nd}d", _conv_apply(nd), _conv_grad(nd), _conv_macs, modules=(getattr(nn, f"Conv{nd}d"),),
+        functions=(torch_fn, pad.default, pad.padding), attr_args=_CONV_ARGS,
+        default_attrs=dict(_conv_attrs(nd, _CONV_ARGS)((0, 0) + (1,) * nd, [], {})),
+        module_attrs=_conv_module_attrs(nd), call_attrs=_conv_attrs(nd, _CONV_ARGS), onnx_decompositions=_CONV_ONNX)
+
+
+def _conv_t_row(nd: int) -> LinearOpRow:
+    aten_op = aten.conv_transpose1d.default if nd == 1 else getattr(aten, f"conv_transpose{nd}d").input
+    return LinearOpRow(
+        f"conv_transpose{nd}d", _conv_t_apply(nd), _conv_t_grad(nd), _conv_t_macs,
+        modules=(getattr(nn, f"ConvTranspose{nd}d"),), functions=(getattr(torch, f"conv_transpose{nd}d"), aten_op),
+        attr_args=_CONV_T_ARGS, default_attrs=dict(_conv_attrs(nd, _CONV_T_ARGS)((0, 0) + (1,) * nd, [], {})),
+        module_attrs=_conv_t_module_attrs(nd), call_attrs=_conv_attrs(nd, _CONV_T_ARGS),
+        onnx_decompositions=_CONV_ONNX)
+
+
+_ROWS = (
+    LinearOpRow("linear", _linear_apply, _linear_grad, _linear_macs, modules=(nn.Linear,),
+                functions=(F.linear, aten.linear.default)),
+    LinearOpRow("matmul", _matmul_apply, _matmul_grad, _matmul_macs, call="matmul", transposed="linear",
+                functions=(operator.matmul, torch.matmul, torch.mm, aten.matmul.default, aten.mm.default),
+                methods=("matmul", "__matmul__", "mm")),
+    *(_conv_row(nd) for nd in (1, 2, 3)),
+    *(_conv_t_row(nd) for nd in (1, 2, 3)),
+)
+LINEAR_OPS: Mapping[str, LinearOpRow] = {r.name: r for r in _ROWS}
+LinearOp = LinearOpRow  # the rows' name before they carried their recognition and ONNX lowering

@@ -4,6 +4,8 @@
 ``residual(loss, transfer, kw, z, target)`` is ∂local/∂z, the only thing an inner step needs: the weight
 gradient is then the linear op's weight-VJP of it (see :mod:`lwcompile.passes.linear_ops`).
 ``value(loss, ...)`` reports the local loss itself (matching and dual Bregman up to a constant in z).
+Each target kind is one ``TargetRule`` and each local loss one ``LossRule`` (with its activation space and ONNX
+form); :mod:`lwcompile.config` validates against these rows, and ONNX training artifacts read their ``onnx`` forms.
 
 Example:
     >>> import torch
@@ -13,31 +15,67 @@ Example:
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from lwcompile.passes.transfer import TRANSFERS, Kw
 
 
+class TargetRule(NamedTuple):
+    """One target kind: ``make(â, ŷ, ∂L/∂â, ∂L/∂ŷ, γ) -> target``, the activation space ("pre" or "post") the
+    target lives in, and METHOD.md's local loss for it (``pair``: with T=1 plain GD, one step equals SGD)."""
+
+    make: Callable[..., torch.Tensor]
+    space: str
+    pair: str
+
+    def __call__(self, a_hat, y_hat, g_pre, g_post, gamma) -> torch.Tensor:
+        return self.make(a_hat, y_hat, g_pre, g_post, gamma)
+
+
+class LossRule(NamedTuple):
+    """One local loss: its residual ∂local/∂z and summed value ``(row, kw, z, a) -> tensor``, the activation space
+    it compares in, and its ONNX form for training artifacts: ``onnx(g, f, F, z, a) -> name`` (f, F: the transfer's
+    ONNX builders applied to a value) and which of the transfer row's builders it needs (``onnx_needs``)."""
+
+    residual: Callable[..., torch.Tensor]
+    value: Callable[..., torch.Tensor]
+    space: str
+    onnx: Callable[..., str]
+    onnx_needs: tuple[str, ...]
+
+
 # METHOD.md step 3, one row per target kind: (â, ŷ, ∂L/∂â, ∂L/∂ŷ, γ) -> target
 TARGET_RULES = {
-    "gd_pre": lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_pre,
-    "dual_md_pre": lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_post,
-    "gd_post": lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_post,
-    "md_post": lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_pre,
+    "gd_pre": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_pre, "pre", "squared_pre"),
+    "dual_md_pre": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_post, "pre", "dual_bregman"),
+    "gd_post": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_post, "post", "squared_post"),
+    "md_post": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_pre, "post", "matching"),
 }
 
-# METHOD.md step 4, one row per local loss: (residual ∂local/∂z, the summed value). Matching: Σ F(z) − yᵀz drops
+# METHOD.md step 4, one row per local loss: (residual ∂local/∂z, the summed value, ...). Matching: Σ F(z) − yᵀz drops
 # the constant F(a) − yᵀa; dual Bregman: Σ (z − a)ᵀf(z) − F(z) drops F(a); both have the residual as exact gradient.
+# The ONNX forms are summed over every element and keep every constant (their z-gradient is the same residual).
 LOSS_RULES = {
-    "squared_pre": (lambda t, kw, z, a: z - a,
-                    lambda t, kw, z, a: 0.5 * ((z - a) ** 2).sum()),
-    "squared_post": (lambda t, kw, z, a: t.vjp(z, t.f(z, kw) - a, kw),
-                     lambda t, kw, z, a: 0.5 * ((t.f(z, kw) - a) ** 2).sum()),
-    "matching": (lambda t, kw, z, a: t.f(z, kw) - a,
-                 lambda t, kw, z, a: t.F(z, kw).sum() - (a * z).sum()),
+    "squared_pre": LossRule(lambda t, kw, z, a: z - a,
+                            lambda t, kw, z, a: 0.5 * ((z - a) ** 2).sum(), "pre",
+                            lambda g, f, F, z, a: g.total(g.half_square(g("Sub", z, a))), ()),  # ½Σ(z − a)²
+    "squared_post": LossRule(lambda t, kw, z, a: t.vjp(z, t.f(z, kw) - a, kw),
+                             lambda t, kw, z, a: 0.5 * ((t.f(z, kw) - a) ** 2).sum(), "post",
+                             lambda g, f, F, z, a: g.total(g.half_square(g("Sub", f(z), a))),  # ½Σ(f(z) − a)²
+                             ("onnx_f",)),
+    "matching": LossRule(lambda t, kw, z, a: t.f(z, kw) - a,
+                         lambda t, kw, z, a: t.F(z, kw).sum() - (a * z).sum(), "post",
+                         lambda g, f, F, z, a: g("Sub", g.total(F(z)), g.total(g("Mul", a, z))),  # ΣF(z) − Σ a·z
+                         ("onnx_F",)),
     # f′(z)(z − a); the softmax Jacobian is symmetric, so its vjp is this product too
-    "dual_bregman": (lambda t, kw, z, a: t.vjp(z, z - a, kw),
-                     lambda t, kw, z, a: ((z - a) * t.f(z, kw)).sum() - t.F(z, kw).sum()),
+    "dual_bregman": LossRule(lambda t, kw, z, a: t.vjp(z, z - a, kw),
+                             lambda t, kw, z, a: ((z - a) * t.f(z, kw)).sum() - t.F(z, kw).sum(), "pre",
+                             # Σ[f(z)(z − a) − F(z) + F(a)]
+                             lambda g, f, F, z, a: g("Add", g.total(g("Sub", g("Mul", f(z), g("Sub", z, a)), F(z))),
+                                                     g.total(F(a))),
+                             ("onnx_f", "onnx_F")),
 }
 
 
@@ -55,9 +93,9 @@ def make_target(kind: str, gamma: float, a_hat: torch.Tensor, y_hat: torch.Tenso
 
 def residual(loss: str, transfer: str, kw: Kw, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """∂ local(z, target) / ∂z, summed-loss convention (no 1/N)."""
-    return _rule(LOSS_RULES, loss, "local loss")[0](TRANSFERS[transfer], kw, z, target)
+    return _rule(LOSS_RULES, loss, "local loss").residual(TRANSFERS[transfer], kw, z, target)
 
 
 def value(loss: str, transfer: str, kw: Kw, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The local loss summed over the batch (up to a constant in z for matching and dual Bregman)."""
-    return _rule(LOSS_RULES, loss, "local loss")[1](TRANSFERS[transfer], kw, z, target)
+    return _rule(LOSS_RULES, loss, "local loss").value(TRANSFERS[transfer], kw, z, target)

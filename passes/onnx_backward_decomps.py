@@ -5,7 +5,8 @@ holds, and some of its translations are wrong for training graphs. :mod:`lwcompi
 table (over its own) when it re-traces a graph for export:
 
 - ``convolution_backward``: a transposed convolution for the input, a convolution of x by the output gradient for
-  the weight (and the adjoint pair for transposed convolutions);
+  the weight (and the adjoint pair for transposed convolutions); it is the conv rows' ``onnx_decompositions`` in
+  :mod:`lwcompile.passes.linear_ops` (each linear-op row brings the decompositions its gradient needs);
 - the CPU flash-attention backward (``_scaled_dot_product_flash_attention_for_cpu_backward``): softmax recomputed;
 - ``avg_pool2d_backward`` (a grouped transposed convolution by ones) and ``_adaptive_avg_pool2d_backward`` (two
   averaging matrices);
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 import torch._decomp
 
+from lwcompile.passes.linear_ops import LINEAR_OPS
+
 aten = torch.ops.aten
 
 
@@ -36,47 +39,6 @@ def _conv(x, w, stride, padding, dilation, transposed=False, output_padding=None
     nd = x.dim() - 2
     return aten.convolution.default(x, w, None, list(stride), list(padding), list(dilation), transposed,
                                     list(output_padding or [0] * nd), groups)
-
-
-def _conv_weight_grad(x, gy, k, stride, padding, dilation, groups):
-    """∂/∂W of Σ gy·conv(x, W): a convolution of x by gy (batch and channel axes swapped, stride ↔ dilation)."""
-    nd = x.dim() - 2
-    cin, cout = x.shape[1] // groups, gy.shape[1] // groups
-    parts = []
-    for g in range(groups):
-        xg = x[:, g * cin:(g + 1) * cin].transpose(0, 1)
-        gg = gy[:, g * cout:(g + 1) * cout].transpose(0, 1)
-        dw = _conv(xg, gg, dilation, padding, stride)  # (Cin_g, Cout_g, *k')
-        for d in range(nd):
-            dw = dw.narrow(2 + d, 0, k[d])
-        parts.append(dw.transpose(0, 1))
-    return parts[0] if groups == 1 else torch.cat(parts, 0)
-
-
-def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
-                          output_padding, groups, output_mask):
-    nd = input.dim() - 2
-    k = list(weight.shape[2:])
-    gi = gw = gb = None
-    if not transposed:
-        if output_mask[0]:
-            # adjoint of conv in its input is conv_transpose; output_padding restores the trailing positions
-            op = []
-            for d in range(nd):
-                full = (grad_output.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (k[d] - 1) + 1
-                op.append(input.shape[2 + d] - full)
-            gi = _conv(grad_output, weight, stride, padding, dilation, True, op, groups)
-        if output_mask[1]:
-            gw = _conv_weight_grad(input, grad_output, k, stride, padding, dilation, groups)
-    else:
-        if output_mask[0]:
-            gi = _conv(grad_output, weight, stride, padding, dilation, False, None, groups)
-        if output_mask[1]:
-            # conv_transpose is the adjoint of conv: its weight gradient is conv's with x and gy exchanged
-            gw = _conv_weight_grad(grad_output, input, k, stride, padding, dilation, groups)
-    if output_mask[2]:
-        gb = grad_output.sum(dim=[0] + list(range(2, grad_output.dim())))
-    return gi, gw, gb
 
 
 def _sdpa_cpu_backward(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, attn_mask=None,
@@ -147,8 +109,9 @@ def _adaptive_avg_pool2d_backward(grad_output, input):
     return ah.transpose(0, 1) @ grad_output @ aw
 
 
+# the linear-op rows' own (convolution_backward, from the conv rows of lwcompile.passes.linear_ops), then these
 EXTRA_DECOMPOSITIONS: dict[Any, Any] = {
-    aten.convolution_backward.default: _convolution_backward,
+    **{op: fn for row in LINEAR_OPS.values() for op, fn in row.onnx_decompositions.items()},
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _sdpa_cpu_backward,
     aten.avg_pool2d_backward.default: _avg_pool2d_backward,
     aten._adaptive_avg_pool2d_backward.default: _adaptive_avg_pool2d_backward,

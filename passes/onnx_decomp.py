@@ -249,6 +249,8 @@ def translate_prepared(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.
         from torch.onnx._internal.exporter import _core, _fx_passes, _ir_passes
     except ImportError:
         return dynamo_export(GraphWrapper(gm), example_inputs, input_names, output_names, opset)
+    from lwcompile.passes.onnx_dynamic import lower_sym_numel  # (symbolic batch: x.numel() as a product of sizes)
+    lower_sym_numel(gm)
     g = gm.graph
     if any(n.op == "get_attr" for n in g.nodes):  # constants would need lifting: let torch.export do it
         return dynamo_export(GraphWrapper(gm), example_inputs, input_names, output_names, opset)

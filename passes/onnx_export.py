@@ -38,6 +38,7 @@ from lwcompile.errors import ExportError
 from lwcompile.passes.onnx_decomp import (MAX_IR_VERSION, GraphWrapper, dynamo_export, export_decompositions,
                                           UnsupportedOpsError, placeholder_names, prepare_graph,
                                           translate_prepared)
+from lwcompile.passes.onnx_dynamic import name_batch_dims
 from lwcompile.passes.onnx_files import FORMAT, GraphExport, TrainingExport, describe_model, export_onnx_dir
 from lwcompile.passes.onnx_training import export_training_artifacts
 from lwcompile.ir import MUTATED_PREFIX
@@ -87,6 +88,7 @@ def graph_to_onnx(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tenso
             raise
         model, out_names = _lower(gm, example_inputs, in_names, output_names, opset, graph_name, fast=False)
     _pin_scalar_outputs(model)
+    name_batch_dims(model, example_inputs)
     model.graph.name = re.sub(r"\W", "_", graph_name) or "graph"
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
@@ -138,7 +140,9 @@ def export_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[torch
 
     Inputs keep ``input_names`` (default: the placeholders' names); outputs are ``output_names`` (default
     ``out0, out1, ...``) followed by ``new__<input>`` for every input the graph mutates in place. Shapes are the
-    example inputs' (static). ``example_inputs=None`` uses zeros shaped like the placeholders' make_fx metadata.
+    example inputs': static, or symbolic where they are fake tensors with symbolic sizes
+    (:func:`lwcompile.passes.onnx_dynamic.symbolic_examples`, the batch dimension named ``"batch"``).
+    ``example_inputs=None`` uses zeros shaped like the placeholders' make_fx metadata.
     """
     name = graph_name or os.path.splitext(os.path.basename(path))[0]
     model = graph_to_onnx(gm, example_inputs, input_names, output_names, opset, name)

@@ -281,6 +281,7 @@ class TrainingExport:
     kwargs: dict = field(default_factory=dict)
     device: str | None = None
     subdir: str | None = None  # default training/<block>
+    adam_mode: int | None = None  # set on the AdamW optimizer graph (0: torch's Adam(W); onnxblock writes 1)
 
 
 def safe_name(name: str) -> str:
@@ -316,6 +317,8 @@ def export_onnx_dir(out_dir: str, graphs: Sequence[GraphExport], training: Seque
         for te in training:
             sub = te.subdir or "training/" + safe_name(te.block)
             info = export_training_artifacts(**te.kwargs, out_dir=os.path.join(tmp, sub))
+            if te.adam_mode is not None:
+                info = _set_adam_mode(os.path.join(tmp, sub), info, te.adam_mode)
             info.update({"block": te.block, "device": te.device, "dir": sub,
                          "files": [f"{sub}/{f}" for f in info["files"]]})
             manifest["training"].append(info)
@@ -330,6 +333,27 @@ def export_onnx_dir(out_dir: str, graphs: Sequence[GraphExport], training: Seque
         with open(os.path.join(tmp, MANIFEST), "w") as fh:
             json.dump(manifest, fh, indent=2, default=str)
     return manifest
+
+
+def _set_adam_mode(art_dir: str, info: dict, mode: int) -> dict:
+    """Set the AdamWOptimizer node's ``adam_mode`` in a staged artifact directory (onnxblock always writes 1, the
+    Hugging Face variant; 0 is torch's: bias corrections on m and on √v, eps added after); records it as optimizer
+    "adam" (mode 0 without weight decay is torch.optim.Adam) in ``lwblock.json``."""
+    path = os.path.join(art_dir, "optimizer_model.onnx")
+    model = onnx.load(path)
+    nodes = [n for n in model.graph.node if n.op_type == "AdamWOptimizer"]
+    attrs = [a for n in nodes for a in n.attribute if a.name == "adam_mode"]
+    if len(nodes) != 1 or len(attrs) != 1:
+        raise ExportError(f"{path}: expected one AdamWOptimizer node with an adam_mode attribute, found "
+                          f"{len(nodes)} node(s); this onnxruntime-training version writes another optimizer graph.")
+    attrs[0].i = mode
+    onnx.save_model(model, path)
+    info = dict(info, adam_mode=mode)
+    if mode == 0 and not info.get("optimizer_options", {}).get("weight_decay"):
+        info["optimizer"] = "adam"
+    with open(os.path.join(art_dir, "lwblock.json"), "w") as fh:
+        json.dump({k: v for k, v in info.items() if k not in ("block", "device", "dir")}, fh, indent=2, default=str)
+    return info
 
 
 def _files_under(root: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Partition pass: find the (linear transform, transfer function) blocks of a traced model.
 
-``partition(gm, example_inputs, skip)`` reads the tables of :mod:`lwcompile.passes.registry` and returns a
+``partition(gm, example_inputs, skip)`` reads the op rows (linear ops: :mod:`lwcompile.passes.linear_ops`, transfer
+functions: :mod:`lwcompile.passes.transfer`, through the lookups of :mod:`lwcompile.passes.registry`) and returns a
 frozen :class:`Partition`: the blocks in graph order, the trainable parameters outside blocks, the block
 DAG's edges (for placement) and the warnings it raised. The graph is not modified.
 
@@ -31,6 +32,7 @@ from lwcompile.ir import Block, numel
 from lwcompile.passes import registry as R
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.state import preserved_state
+from lwcompile.passes.transfer import TransferRow, transfer_for
 
 
 @dataclass(frozen=True)
@@ -66,65 +68,24 @@ def _arg(node: fx.Node, i: int, name: str) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
-def _tuple(v, nd: int) -> tuple:
-    if isinstance(v, (list, tuple)):
-        return tuple(int(a) for a in v) if len(v) == nd else tuple(int(v[0]) for _ in range(nd))
-    return (int(v),) * nd
-
-
-def _same_padding(pad: Any, dil: tuple, k: tuple, nd: int) -> tuple | None:
-    if pad == "valid":
-        return (0,) * nd
-    if pad == "same":
-        if any((d * (kk - 1)) % 2 for d, kk in zip(dil, k)):
-            return None  # asymmetric: torch pads one side more; not a plain conv
-        return tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
-    return _tuple(pad, nd)
-
-
-def _conv_attrs(op: str, w_shape: tuple, args: list, kwargs: dict) -> tuple | None:
-    nd = int(op[-2])
-    names = (["stride", "padding", "output_padding", "groups", "dilation"] if op.startswith("conv_transpose")
-             else ["stride", "padding", "dilation", "groups"])
-    vals = dict(zip(names, args))
-    vals.update({k: v for k, v in kwargs.items() if k in names})
-    dil = _tuple(vals.get("dilation", 1), nd)
-    attrs = {"stride": _tuple(vals.get("stride", 1), nd), "dilation": dil, "groups": int(vals.get("groups", 1))}
-    pad = _same_padding(vals.get("padding", 0), dil, tuple(w_shape[2:]), nd)
-    if pad is None:
-        return None
-    attrs["padding"] = pad
-    if op.startswith("conv_transpose"):
-        attrs["output_padding"] = _tuple(vals.get("output_padding", 0), nd)
-    return tuple(sorted(attrs.items()))
-
-
 def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | str:
     """A _LinearMatch, None (not a linear op), or a string saying why a linear op cannot be a block."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        op = R.LINEAR_MODULES.get(type(mod)) or next(
-            (v for k, v in R.LINEAR_MODULES.items() if isinstance(mod, k)), None)
-        if op is None:
+        row = R.linear_for_module(mod)
+        if row is None:
             return None
         bias = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
-        if op == "linear":
-            return _LinearMatch(op, node.args[0], f"{node.target}.weight", bias, (), node)
-        if len(node.args) > 1 or node.kwargs.get("output_size") is not None:
+        if row.attr_args and (len(node.args) > 1 or node.kwargs.get("output_size") is not None):
             return "called with output_size"
-        w = tuple(mod.weight.shape)
-        if op.startswith("conv_transpose"):
-            attrs = _conv_attrs(op, w, [mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation], {})
-        else:
-            attrs = _conv_attrs(op, w, [mod.stride, mod.padding, mod.dilation, mod.groups], {})
-            if attrs is not None and mod.padding_mode != "zeros":
-                attrs = tuple(sorted(dict(attrs, padding_mode=mod.padding_mode,
-                                          reversed_padding=tuple(mod._reversed_padding_repeated_twice)).items()))
+        attrs = row.module_attrs(mod)
         if attrs is None:
             return "uses asymmetric 'same' padding"
-        return _LinearMatch(op, node.args[0], f"{node.target}.weight", bias, attrs, node)
-    if node.op == "call_function" and node.target in R.LINEAR_FUNCTIONS:
-        op = R.LINEAR_FUNCTIONS[node.target]
+        return _LinearMatch(row.name, node.args[0], f"{node.target}.weight", bias, attrs, node)
+    row = R.linear_for_call(node.op, node.target)
+    if row is None:
+        return None
+    if row.call == "weight":
         w = _param_target(gm, _arg(node, 1, "weight"))
         if w is None:
             return None
@@ -132,31 +93,27 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | st
         b = _param_target(gm, b_node)
         if b_node is not None and b is None:
             return "has a bias that is not a parameter"
-        attrs: tuple | None = ()
-        if op != "linear":
-            attrs = _conv_attrs(op, tuple(gm.get_parameter(w).shape), list(node.args[3:]),
-                                {k: v for k, v in node.kwargs.items() if k not in ("input", "weight", "bias")})
-            if attrs is None:
-                return "uses asymmetric 'same' padding"
-        return _LinearMatch(op, _arg(node, 0, "input"), w, b, attrs, node)
-    is_mm = (node.op == "call_function" and node.target in R.MATMUL_FUNCTIONS) or (
-        node.op == "call_method" and node.target in R.MATMUL_METHODS)
-    if is_mm and (len(node.args) == 2 or set(node.kwargs) in ({"other"}, {"input", "other"})):
+        attrs = row.call_attrs(tuple(gm.get_parameter(w).shape), list(node.args[3:]),
+                               {k: v for k, v in node.kwargs.items() if k not in ("input", "weight", "bias")})
+        if attrs is None:
+            return "uses asymmetric 'same' padding"
+        return _LinearMatch(row.name, _arg(node, 0, "input"), w, b, attrs, node)
+    if len(node.args) == 2 or set(node.kwargs) in ({"other"}, {"input", "other"}):  # x @ W
         x, w = _arg(node, 0, "input"), _arg(node, 1, "other")
         direct = _param_target(gm, w)
         if direct is not None and gm.get_parameter(direct).dim() == 2:
-            return _LinearMatch("matmul", x, direct, None, (), node)
-        if isinstance(w, fx.Node) and R.is_transpose_of_2d(w):
+            return _LinearMatch(row.name, x, direct, None, (), node)
+        if row.transposed and isinstance(w, fx.Node) and R.is_transpose_of_2d(w):
             src = _param_target(gm, w.args[0])
             if src is not None and gm.get_parameter(src).dim() == 2:
-                return _LinearMatch("linear", x, src, None, (), w)
+                return _LinearMatch(row.transposed, x, src, None, (), w)
         if _param_target(gm, x) is not None:
             return "multiplies its weight from the left (W @ x)"
     return None
 
 
-def _transfer_options(name: str, args: tuple, kwargs: dict, source: Any = None) -> dict:
-    keys = R.TRANSFER_OPTIONS[name]
+def _transfer_options(row: TransferRow, args: tuple, kwargs: dict, source: Any = None) -> dict:
+    keys = row.options
     if source is not None:  # a module: options are its attributes
         return {k: getattr(source, k) for k in keys if hasattr(source, k)}
     opts = dict(zip(keys, args))
@@ -164,25 +121,20 @@ def _transfer_options(name: str, args: tuple, kwargs: dict, source: Any = None) 
     return opts
 
 
-def _match_transfer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict] | None | str:
-    """(name, options) for a known transfer function, a string for an unknown element-wise op, else None."""
+def _match_transfer(gm: fx.GraphModule, node: fx.Node) -> tuple[TransferRow, dict] | None | str:
+    """(row, options) for a known transfer function, a string for an unknown element-wise op, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        name = R.TRANSFER_MODULES.get(type(mod))
-        if name is not None:
-            return name, _transfer_options(name, (), {}, mod)
+        row = transfer_for("module", type(mod))
+        if row is not None:
+            return row, _transfer_options(row, (), {}, mod)
         if isinstance(mod, R.UNKNOWN_ELEMENTWISE_MODULES):
             return type(mod).__name__
         return None
-    if node.op == "call_function" and node.target in R.TRANSFER_FUNCTIONS:
-        name = R.TRANSFER_FUNCTIONS[node.target]
-        opts = _transfer_options(name, tuple(node.args[1:]), dict(node.kwargs))
-        if node.target is torch.ops.aten.elu.default and tuple(node.args[2:4]) not in ((), (1,), (1, 1), (1.0, 1.0)):
-            return "elu with scale"
-        return name, opts
-    if node.op == "call_method" and node.target in R.TRANSFER_METHODS:
-        name = R.TRANSFER_METHODS[node.target]
-        return name, _transfer_options(name, tuple(node.args[1:]), dict(node.kwargs))
+    kind = {"call_function": "function", "call_method": "method"}.get(node.op)
+    row = transfer_for(kind, node.target) if kind else None
+    if row is not None:
+        return row, _transfer_options(row, tuple(node.args[1:]), dict(node.kwargs))
     target_name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
     if node.op in ("call_function", "call_method") and target_name.rstrip("_") in R.UNKNOWN_ELEMENTWISE_NAMES:
         return target_name
@@ -231,11 +183,6 @@ def _skipped(patterns: tuple[str, ...], name: str, cls: str) -> bool:
     return any(re.search(p, name) or re.search(p, cls) for p in patterns)
 
 
-def _softmax_on_last_axis(opts: dict, z_shape: tuple) -> bool:
-    dim = opts.get("dim")
-    return dim is not None and (dim == -1 or dim == len(z_shape) - 1)
-
-
 def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] = ()) -> Partition:
     """Find the blocks of ``gm`` (shapes from one run on ``example_inputs``, buffers restored after)."""
     with torch.no_grad(), preserved_state(gm):
@@ -281,14 +228,15 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
                 msg = f"block {name!r}: the op after it, node {users[0].name!r} ({t}), is not a transfer function lwcompile knows; the block is treated as identity."
                 warnings.warn(msg, stacklevel=2)
                 notes.append(msg)
-            elif t is not None and t[0] == "softmax" and not _softmax_on_last_axis(t[1], z_shape):
-                msg = f"block {name!r}: softmax at node {users[0].name!r} is not over the last axis; the block is treated as identity."
-                warnings.warn(msg, stacklevel=2)
-                notes.append(msg)
-            elif t is not None and t[0] != "identity":
-                transfer, kw, t_node = t[0], t[1], users[0].name
-                if transfer == "softmax":
-                    kw = {}
+            elif t is not None:
+                row, opts = t
+                kept = row.accept(users[0].target, tuple(users[0].args[1:]), opts, z_shape) if row.accept else opts
+                if isinstance(kept, str):
+                    msg = f"block {name!r}: {row.name} at node {users[0].name!r} {kept}; the block is treated as identity."
+                    warnings.warn(msg, stacklevel=2)
+                    notes.append(msg)
+                elif row.name != "identity":
+                    transfer, kw, t_node = row.name, kept, users[0].name
         w_shape = tuple(weight.shape)
         macs = LINEAR_OPS[m.op].macs(x_shape, z_shape, w_shape, dict(m.attrs))
         frozen = (m.bias,) if bias_t is not None and not bias_t.requires_grad else ()

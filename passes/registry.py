@@ -1,39 +1,65 @@
-"""Tables the partitioner reads: which graph ops are linear in a weight, which are transfer functions.
+"""Lookups the partitioner reads: which graph ops are linear in a weight, which are transfer functions.
 
-Policy as data (STYLE.md): to teach lwcompile a new op, add a row here; the partition pass stays generic.
-Each op appears in its three FX spellings: module (symbolic trace), function / tensor method (symbolic
-trace), and ATen overload (torch.export).
+Policy as data (STYLE.md): nothing here is a hand-kept copy of an op. The linear-op lookups are computed from the
+rows of :mod:`lwcompile.passes.linear_ops`, the transfer ones are views of the rows of
+:mod:`lwcompile.passes.transfer`; to teach lwcompile a new op, add a row there. Each op appears in its three FX
+spellings: module (symbolic trace), function / tensor method (symbolic trace), and ATen overload (torch.export).
+What stays here is policy that is no op's row: which calls transpose a 2-D weight, and which element-wise ops are
+*not* transfer functions (the block is then identity, with a warning).
+
+Example:
+    >>> import torch
+    >>> linear_for_call("call_function", torch.ops.aten.conv2d.padding).name, LINEAR_MODULES[torch.nn.Conv1d]
+    ('conv2d', 'conv1d')
+    >>> TRANSFER_MODULES[torch.nn.ReLU6]
+    'relu6'
 """
 from __future__ import annotations
 
-import operator
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lwcompile.passes.linear_ops import LINEAR_OPS, LinearOpRow
+from lwcompile.passes.transfer import (TRANSFER_FUNCTIONS, TRANSFER_METHODS, TRANSFER_MODULES,  # noqa: F401
+                                       TRANSFER_OPTIONS)
 
 aten = torch.ops.aten
 
-# ---------------------------------------------------------------- linear ops
-LINEAR_MODULES: dict[type, str] = {
-    nn.Linear: "linear",
-    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
-    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
-    nn.ConvTranspose3d: "conv_transpose3d",
-}
+
+# ---------------------------------------------------------------- linear ops (computed from linear_ops.LINEAR_OPS)
+def _linear_lookup(kind: str, call: str) -> dict:
+    return {key: row.name for row in LINEAR_OPS.values() if row.call == call for key in getattr(row, kind)}
+
+
+LINEAR_MODULES: Mapping[type, str] = MappingProxyType(_linear_lookup("modules", "weight"))
 # function -> op kind; arguments follow F.linear / F.convNd / F.conv_transposeNd order.
-LINEAR_FUNCTIONS: dict[object, str] = {
-    F.linear: "linear", aten.linear.default: "linear",
-    torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d",
-    aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.conv3d.default: "conv3d",
-    aten.conv1d.padding: "conv1d", aten.conv2d.padding: "conv2d", aten.conv3d.padding: "conv3d",
-    torch.conv_transpose1d: "conv_transpose1d", torch.conv_transpose2d: "conv_transpose2d",
-    torch.conv_transpose3d: "conv_transpose3d",
-    aten.conv_transpose1d.default: "conv_transpose1d", aten.conv_transpose2d.input: "conv_transpose2d",
-    aten.conv_transpose3d.input: "conv_transpose3d",
-}
-MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, aten.matmul.default, aten.mm.default}
-MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
+LINEAR_FUNCTIONS: Mapping[object, str] = MappingProxyType(_linear_lookup("functions", "weight"))
+MATMUL_FUNCTIONS = frozenset(_linear_lookup("functions", "matmul"))
+MATMUL_METHODS = frozenset(_linear_lookup("methods", "matmul"))
+
+
+def linear_for_module(mod: nn.Module) -> LinearOpRow | None:
+    """The row of a module's class (exact type first, then the first row whose class it subclasses)."""
+    name = LINEAR_MODULES.get(type(mod)) or next((v for k, v in LINEAR_MODULES.items() if isinstance(mod, k)), None)
+    return None if name is None else LINEAR_OPS[name]
+
+
+# (FX node op, target) -> op kind, for every call spelling of every row
+_LINEAR_CALLS: dict[tuple[str, Any], str] = {
+    **{("call_function", fn): row.name for row in LINEAR_OPS.values() for fn in row.functions},
+    **{("call_method", m): row.name for row in LINEAR_OPS.values() for m in row.methods}}
+
+
+def linear_for_call(op: str, target: Any) -> LinearOpRow | None:
+    """The row a call node names (``op``: the FX node's op, "call_function" or "call_method"), or None."""
+    try:
+        name = _LINEAR_CALLS.get((op, target))
+    except TypeError:  # an unhashable target
+        return None
+    return None if name is None else LINEAR_OPS[name]
 
 
 _SWAP_PAIRS = ([0, 1], [-2, -1], [-1, 0], [-2, 1])  # the axis pairs that swap a 2-D tensor's two axes
@@ -63,43 +89,9 @@ def is_transpose_of_2d(node) -> bool:
 
 
 # ---------------------------------------------------------------- transfer functions
-# name -> the option names it carries (read from module attributes or call arguments, in positional order)
-TRANSFER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "relu": (), "tanh": (), "sigmoid": (), "silu": (), "arctan": (), "identity": (),
-    "leaky_relu": ("negative_slope",), "softplus": ("beta", "threshold"), "elu": ("alpha",),
-    "gelu": ("approximate",), "softmax": ("dim",),
-    "hardtanh": ("min_val", "max_val"), "relu6": (), "hardsigmoid": (), "hardswish": (), "selu": (),
-    "celu": ("alpha",), "mish": (), "logsigmoid": (), "softsign": (),
-}
-# Looked up by exact type (nn.ReLU6 subclasses nn.Hardtanh but has its own row).
-TRANSFER_MODULES: dict[type, str] = {
-    nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.LeakyReLU: "leaky_relu",
-    nn.Softplus: "softplus", nn.ELU: "elu", nn.GELU: "gelu", nn.Softmax: "softmax", nn.Identity: "identity",
-    nn.Hardtanh: "hardtanh", nn.ReLU6: "relu6", nn.Hardsigmoid: "hardsigmoid", nn.Hardswish: "hardswish",
-    nn.SELU: "selu", nn.CELU: "celu", nn.Mish: "mish", nn.LogSigmoid: "logsigmoid", nn.Softsign: "softsign",
-}
-# torch.export spellings: relu6 stays aten.relu6; F.softsign is Python (x / (1 + |x|)) and exports as three ops,
-# so only its module and F forms are recognised. In-place ATen forms are made out-of-place before partitioning.
-TRANSFER_FUNCTIONS: dict[object, str] = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
-    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-    F.silu: "silu", F.leaky_relu: "leaky_relu", F.softplus: "softplus", F.elu: "elu", F.gelu: "gelu",
-    torch.atan: "arctan", torch.arctan: "arctan", F.softmax: "softmax", torch.softmax: "softmax",
-    F.hardtanh: "hardtanh", F.relu6: "relu6", F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish",
-    F.selu: "selu", torch.selu: "selu", F.celu: "celu", torch.celu: "celu", F.mish: "mish",
-    F.logsigmoid: "logsigmoid", F.softsign: "softsign",
-    aten.relu.default: "relu", aten.relu_.default: "relu", aten.tanh.default: "tanh",
-    aten.sigmoid.default: "sigmoid", aten.silu.default: "silu", aten.leaky_relu.default: "leaky_relu",
-    aten.softplus.default: "softplus", aten.elu.default: "elu", aten.gelu.default: "gelu",
-    aten.atan.default: "arctan", aten.softmax.int: "softmax", aten._softmax.default: "softmax",
-    aten.hardtanh.default: "hardtanh", aten.relu6.default: "relu6", aten.hardsigmoid.default: "hardsigmoid",
-    aten.hardswish.default: "hardswish", aten.selu.default: "selu", aten.celu.default: "celu",
-    aten.mish.default: "mish", aten.log_sigmoid.default: "logsigmoid",
-}
-# torch.Tensor has no method for any of the transfers added after the paper's (no x.hardswish(), x.mish(), ...).
-TRANSFER_METHODS: dict[str, str] = {
-    "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid",
-    "sigmoid_": "sigmoid", "atan": "arctan", "arctan": "arctan", "softmax": "softmax"}
+# Read-only views computed from the rows of lwcompile.passes.transfer (kept current when a row is registered):
+# TRANSFER_OPTIONS (name -> option names), TRANSFER_MODULES (class, exact type -> name), TRANSFER_FUNCTIONS
+# (function or ATen overload -> name), TRANSFER_METHODS (tensor method -> name).
 
 # Element-wise ops that follow a linear op but are not transfer functions lwcompile knows: the block is
 # then treated as identity, with a warning naming the node. They are checked after the tables above, so the
@@ -112,3 +104,7 @@ UNKNOWN_ELEMENTWISE_NAMES = {"exp", "sin", "cos", "abs", "square", "sqrt", "log"
                              "selu", "celu", "hardswish", "hardsigmoid", "logsigmoid", "log_sigmoid", "softsign",
                              "log_softmax", "erf", "neg", "reciprocal", "rsqrt", "expm1", "log1p", "sinh", "cosh",
                              "asinh"}
+
+__all__ = ["LINEAR_FUNCTIONS", "LINEAR_MODULES", "MATMUL_FUNCTIONS", "MATMUL_METHODS", "TRANSFER_FUNCTIONS",
+           "TRANSFER_METHODS", "TRANSFER_MODULES", "TRANSFER_OPTIONS", "UNKNOWN_ELEMENTWISE_MODULES",
+           "UNKNOWN_ELEMENTWISE_NAMES", "is_transpose_of_2d", "linear_for_call", "linear_for_module"]

@@ -87,6 +87,10 @@ class InnerSignature:
     def output_names(self) -> list[str]:
         return [f"new_{p}" for p in self.params] + [f"new_state{i}" for i in range(self.n_state)]
 
+    def names(self) -> tuple[list[str], list[str]]:
+        """(input names, output names), the graph's and its ONNX file's."""
+        return self.input_names, self.output_names
+
     def pack(self, params: Sequence[Any], x: Any, target: Any, lr: Any, state: Sequence[Any]) -> list[Any]:
         if len(params) != len(self.params) or len(state) != self.n_state:
             raise ValueError(f"the inner graph takes {len(self.params)} parameter(s) and {self.n_state} state "

@@ -11,8 +11,11 @@ pre-activation and output) and the rank of each block, and decides for every oth
 Values whose consumer runs on a later rank are sent forward once per (producer rank, consumer rank); their
 gradients come back the same way. The model output goes to the *loss rank* (the last rank that holds blocks).
 
-``Stage`` runs one rank's part: ``forward`` (an fx.Interpreter over the rank's nodes, with autograd on) and
-``backward`` (one ``torch.autograd.grad`` from the loss and the gradients received for the values sent on).
+``stage_graph`` emits each rank's own GraphModule from the layout (its nodes copied out of the tapped graph; it
+takes the rank's model inputs and received values and returns, by node name, what later ranks and its own blocks'
+targets need). ``Stage`` runs it: ``forward`` (the rank's graph, with autograd on), ``backward`` (one
+``torch.autograd.grad`` from the loss and the gradients received for the values sent on) and ``targets`` (the same
+``make_target`` rule the one-process target graph traces).
 
 Example:
     >>> import torch, lwcompile
@@ -21,6 +24,9 @@ Example:
     >>> lay = build_layout(prog.tapped, prog.blocks, prog.nonblock, {"0": 0, "2": 1})
     >>> lay.sends, lay.loss_rank
     ({(0, 1): ('_1',)}, 1)
+    >>> g1 = stage_graph(prog.tapped, lay, 1, keep=())
+    >>> [n.name for n in g1.graph.find_nodes(op="placeholder")], list(g1(torch.randn(5, 4)))
+    (['_1'], [])
 """
 from __future__ import annotations
 
@@ -184,52 +190,81 @@ def grad_leaves(values: Sequence[Any]) -> list[torch.Tensor]:
     return [t for v in values for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+def stage_graph(gm: fx.GraphModule, layout: StageLayout, rank: int, keep: Sequence[str]) -> fx.GraphModule:
+    """Emit rank ``rank``'s own graph: the nodes ``layout`` gives it, copied from the tapped graph ``gm``.
+
+    Pre: ``layout`` was built from ``gm``. Post: the graph's placeholders are the model inputs the rank reads
+    (``layout.placeholders[rank]``) followed by the values received from earlier ranks (in ``layout.sends``
+    order); it returns a dict from original node name to value for every value another rank needs and every
+    name in ``keep``. Submodules and parameters are shared with ``gm`` (same tensors), so autograd through the
+    stage graph reaches the model's parameters.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for name in layout.placeholders.get(rank, ()):
+        env[name] = g.placeholder(name)
+    for src in layout.upstream(rank):
+        for name in layout.sends[(src, rank)]:
+            env[name] = g.placeholder(name)
+    for name in layout.nodes.get(rank, ()):
+        env[name] = g.node_copy(by_name[name], lambda n: env[n.name])
+    wanted = [n for dst in layout.downstream(rank) for n in layout.sends[(rank, dst)]] + list(keep)
+    g.output({n: env[n] for n in dict.fromkeys(wanted) if n in env})
+    out = fx.GraphModule(gm, g, class_name=f"Stage{rank}")
+    out.graph.lint()
+    return out
+
+
 class Stage:
-    """One rank's part of the forward/target computation. Holds no state between steps."""
+    """One rank's part of the forward/target computation: its emitted graph (:func:`stage_graph`) and the
+    backward and targets around it. Holds no state between steps."""
 
     grad_leaves = staticmethod(grad_leaves)  # the runtime sends and receives exactly these
 
     def __init__(self, gm: fx.GraphModule, layout: StageLayout, rank: int, blocks: Sequence[Block]) -> None:
-        self.gm = gm
         self.layout = layout
         self.rank = rank
-        self.by_name = {n.name: n for n in gm.graph.nodes}
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        self.orig = out.args[0][0]
-        taps = out.args[0][1:]
+        self.orig = out.args[0][0]  # the model output's structure (read by node name, never run)
+        taps = [n.name for n in out.args[0][1:]]
         mine = set(layout.blocks.get(rank, ()))
         self.taps = [(b, taps[xi], taps[ai], taps[yi] if yi is not None else None)
                      for b, (xi, ai, yi) in zip(blocks, tap_layout(blocks)) if b.name in mine]
+        keep = [t for tap in self.taps for t in tap[1:] if t is not None]
+        if rank == layout.loss_rank:
+            keep += [n.name for n in _nodes_in(out.args[0][0])]
+        self.graph = stage_graph(gm, layout, rank, keep)
+        self._defaults = {n.name: n.args for n in gm.graph.find_nodes(op="placeholder")}
         self.placeholder_index = {n.name: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
 
-    def forward(self, inputs: Sequence[Any], received: Mapping[str, Any]) -> dict[fx.Node, Any]:
-        """Evaluate this rank's nodes on the batch and the values received from earlier ranks."""
-        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
-        env: dict[fx.Node, Any] = {}
+    def forward(self, inputs: Sequence[Any], received: Mapping[str, Any]) -> dict[str, Any]:
+        """Run this rank's graph on the batch and the values received from earlier ranks; returns every value
+        the rank reads or produces for others, by node name."""
+        env: dict[str, Any] = {}
         for name in self.layout.placeholders.get(self.rank, ()):
-            node, i = self.by_name[name], self.placeholder_index[name]
+            i = self.placeholder_index[name]
             if i < len(inputs):
-                env[node] = inputs[i]
-            elif node.args:
-                env[node] = node.args[0]  # a default argument of forward()
+                env[name] = inputs[i]
+            elif self._defaults[name]:
+                env[name] = self._defaults[name][0]  # a default argument of forward()
             else:
                 raise ConfigError(f"the model needs input {name!r} (position {i}) but step() got "
                                   f"{len(inputs)} input(s).")
-        env.update({self.by_name[k]: v for k, v in received.items()})
-        interp.env = env
+        args = [env[n] for n in self.layout.placeholders.get(self.rank, ())]
+        args += [received[n] for src in self.layout.upstream(self.rank) for n in self.layout.sends[(src, self.rank)]]
+        env.update(received)
         with torch.enable_grad():
-            for name in self.layout.nodes.get(self.rank, ()):
-                node = self.by_name[name]
-                env[node] = interp.run_node(node)
+            env.update(self.graph(*args))
         return env
 
-    def values_for(self, env: Mapping[fx.Node, Any], dst: int) -> list[Any]:
+    def values_for(self, env: Mapping[str, Any], dst: int) -> list[Any]:
         """What this rank sends ``dst`` in the forward."""
-        return [env[self.by_name[n]] for n in self.layout.sends[(self.rank, dst)]]
+        return [env[n] for n in self.layout.sends[(self.rank, dst)]]
 
-    def loss(self, env: Mapping[fx.Node, Any], labels: Sequence[Any], loss_fn: Callable, out_spec: Any) -> torch.Tensor:
+    def loss(self, env: Mapping[str, Any], labels: Sequence[Any], loss_fn: Callable, out_spec: Any) -> torch.Tensor:
         """The task loss (on the loss rank), computed as the one-process target graph does."""
-        out = fx.node.map_arg(self.orig, lambda n: env[n])
+        out = fx.node.map_arg(self.orig, lambda n: env[n.name])
         if out_spec is not None:
             out = pytree.tree_unflatten(list(out), out_spec)
         with torch.enable_grad():
@@ -237,7 +272,7 @@ class Stage:
         check_loss(loss)
         return loss
 
-    def backward(self, env: Mapping[fx.Node, Any], loss: torch.Tensor | None,
+    def backward(self, env: Mapping[str, Any], loss: torch.Tensor | None,
                  sent: Sequence[tuple[Sequence[Any], Sequence[torch.Tensor]]], received: Sequence[torch.Tensor],
                  params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Gradients of the loss with respect to this rank's (â, ŷ) taps, its non-block ``params`` and the
@@ -264,7 +299,7 @@ class Stage:
         n_t, n_p = len(taps), len(params)
         return grads[:n_t], grads[n_t:n_t + n_p], grads[n_t + n_p:]
 
-    def targets(self, env: Mapping[fx.Node, Any], tap_grads: Sequence[torch.Tensor], kind: str,
+    def targets(self, env: Mapping[str, Any], tap_grads: Sequence[torch.Tensor], kind: str,
                 gamma: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each own block's input and target (METHOD.md step 3), from the tap gradients of :meth:`backward`."""
         m = len(self.taps)

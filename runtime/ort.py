@@ -21,10 +21,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lwcompile.config import Config
 from lwcompile.errors import LwcompileError, NonFiniteError
+from lwcompile.schedule import schedule_factor
+from lwcompile.runtime import ort_state
 from lwcompile.runtime.ort_optim import NumpyOptimizer, make_numpy_optimizer
 from lwcompile.ir import MUTATED_PREFIX, as_tuple
 
+
+# the program's inner optimizer -> the artifacts' optimizer that runs it exactly (lwcompile.export writes these)
+EXACT_ARTIFACT_OPTIMIZER = {"gd": "sgd", "adam": "adam"}
 
 _NP_OF_ONNX = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -205,12 +211,18 @@ class OrtProgram:
     optimizer states start from the values saved at export time, so ``OrtProgram(dir)`` continues where the program
     was. Nothing changes when the loss, a target or a new weight is not finite (``check_finite``).
 
+    Every graph has a dynamic batch dimension: any batch size runs, a last partial batch too.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the whole training state (see
+    :mod:`lwcompile.runtime.ort_state`).
+
     ``inner="training"`` runs the inner loop of each block that has onnxruntime-training artifacts with them instead
-    (``OrtTrainingBlock``: T steps of onnxruntime's SGD at lr·max(1 − k/T, 0.25) or lr, the proximal anchor the
-    weights at the start of the step); the other blocks use their inner graph. This equals ``Program.step`` when
-    ``Config.inner_optimizer == "gd"`` (the artifacts' optimizer is SGD, exported with ``optimizer="sgd"``, the
-    default), with or without ``inner_lr_decay``. With another inner optimizer the inner loop is plain SGD instead
-    (a different method; no inner state is kept).
+    (``OrtTrainingBlock``: T steps of the artifacts' optimizer at lr·max(1 − k/T, 0.25) or lr, the proximal anchor
+    the weights at the start of the step); the other blocks use their inner graph. This equals ``Program.step`` for
+    the inner optimizers onnxruntime-training has (``EXACT_ARTIFACT_OPTIMIZER``: "gd" with SGD artifacts, "adam"
+    with torch-mode AdamW artifacts, what ``export_onnx`` writes for them by default), with or without
+    ``inner_lr_decay``; "adam" only from the initial inner state (onnxruntime keeps its optimizer state itself and
+    cannot be given an exported one, so a directory exported after steps is refused). With another inner optimizer
+    the artifacts' optimizer runs instead (a different method: a warning says so).
 
     Example:
         >>> import torch, lwcompile
@@ -237,8 +249,11 @@ class OrtProgram:
             raise LwcompileError(f"{path} was written by an older lwcompile (format {self.manifest.get('format')!r}); "
                                  "export the directory again with prog.export_onnx(dir).")
         self.program, self.mode = prog, inner
+        self.fingerprint = ort_state.manifest_fingerprint(self.manifest)  # what a saved state must match
         self.blocks = [b["name"] for b in prog["blocks"]]
         self.config = dict(prog["config"])
+        self._schedule = Config(**{k: v for k, v in self.config.items() if k.startswith("inner_lr_")
+                                   and k != "inner_lr_decay"})
         self.inner_lr = float(prog["inner"]["lr"])
         self.step_count = int(prog.get("step_count", 0))
         self.params = self._load(prog["params_file"], prog["params"])
@@ -252,11 +267,24 @@ class OrtProgram:
         self._inner = {b["name"]: OrtGraph(os.path.join(self.dir, b["file"]), threads=threads) for b in prog["blocks"]}
         self._training = {b["name"]: OrtTrainingBlock(os.path.join(self.dir, b["training"]))
                           for b in prog["blocks"] if inner == "training" and b.get("training")}
+        self._check_artifact_optimizers()
+
+    def _check_artifact_optimizers(self) -> None:
+        """Warn when the artifacts run another optimizer than the program's inner one (a different method); refuse
+        stateful artifacts when the exported inner state is not the initial one (onnxruntime-training starts its
+        optimizer state at zero and offers no way to load it)."""
+        inner = self.program["inner"]["optimizer"]
         opts = {t.info["optimizer"] for t in self._training.values()}
-        if self._training and (prog["inner"]["optimizer"] != "gd" or opts != {"sgd"}):
+        if self._training and opts != {EXACT_ARTIFACT_OPTIMIZER.get(inner)}:
             warnings.warn(f"OrtProgram(inner='training'): the artifacts' optimizer ({', '.join(sorted(opts))}) runs "
-                          f"the inner loop, not the program's {prog['inner']['optimizer']!r}; the result differs from "
-                          "Program.step (they are equal for inner_optimizer='gd' with SGD artifacts).", stacklevel=2)
+                          f"the inner loop, not the program's {inner!r}; the result differs from Program.step "
+                          f"(the artifacts reproduce {EXACT_ARTIFACT_OPTIMIZER}).", stacklevel=3)
+        started = [n for n, t in self._training.items() if t.info["optimizer"] != "sgd"
+                   and any(np.any(s) for s in self.inner_state[n])]
+        if started:
+            raise LwcompileError(f"OrtProgram(inner='training'): block(s) {started} were exported with inner-optimizer "
+                                 "state from earlier steps, which onnxruntime-training's optimizer cannot be given (it "
+                                 "starts at zero); use inner='graphs', which continues exactly from it.")
 
     def _load(self, fname: str, names: Sequence[str]) -> dict[str, np.ndarray]:
         if not names:
@@ -330,13 +358,19 @@ class OrtProgram:
             blk = self._training[name]
             blk.set_params(dict(zip(blk.params, start)))
             factors = self.program["inner"]["lr_factors"]  # the inner step schedule, as the exporter wrote it
-            steps, lrs = len(factors), [self.inner_lr * f for f in factors]
+            steps, lrs = len(factors), [self.effective_inner_lr * f for f in factors]
             new = blk.train(x, target, steps=steps, lr=lrs[0], lr_schedule=lrs)
             return tuple(new[k].reshape(s.shape) for k, s in zip(blk.params, start))
         g = self._inner[name]
-        lr = np.asarray(self.inner_lr, np.float32)
+        lr = np.asarray(self.effective_inner_lr, np.float32)
         vals = dict(zip(b["inputs"], [*start, x, target, lr, *self.inner_state[name]]))
         return g.run(**vals)
+
+    @property
+    def effective_inner_lr(self) -> float:
+        """The next step's inner lr: ``inner_lr`` times the Config schedule's factor at ``step_count`` (the same
+        pure function :class:`lwcompile.Program` applies, so an exported program continues its schedule)."""
+        return self.inner_lr * schedule_factor(self._schedule, self.step_count)
 
     def _check(self, what: str, a: np.ndarray) -> None:
         if self.config.get("check_finite", True) and not np.isfinite(a).all():
@@ -344,9 +378,19 @@ class OrtProgram:
                                  "Lower Config.gamma or the learning rates, or check the inputs and the loss.")
 
     # ------------------------------------------------------------------------------------------------ results
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Parameters and buffers by FQN (copies)."""
+    def weights(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers by FQN (copies), as ``model.state_dict()`` names them."""
         return {k: v.copy() for k, v in (self.params | self.buffers).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a later run needs to continue exactly (see :mod:`lwcompile.runtime.ort_state`): torch
+        tensors and plain values only, so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it."""
+        return ort_state.state_dict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (made by :meth:`state_dict` on a run of a directory with the same manifest
+        fingerprint; anything else is refused before a value changes)."""
+        ort_state.load_state_dict(self, state)
 
     def write_back(self, model: Any) -> None:
         """Copy the trained parameters and buffers into a PyTorch model, by fully-qualified name."""

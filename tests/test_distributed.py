@@ -24,7 +24,7 @@ import lwcompile
 import zoo
 from lwcompile.errors import ConfigError
 from lwcompile.runtime.local import run_jobs
-from lwcompile.passes.stages import build_layout
+from lwcompile.passes.stages import build_layout, stage_graph
 
 STEPS = 3
 
@@ -103,6 +103,32 @@ def test_partitioned_layout_sends_only_what_the_next_stage_reads():
     assert lay.loss_rank == 1
     owned = [p for ps in lay.params.values() for p in ps]
     assert sorted(owned) == sorted(prog.nonblock)  # every non-block parameter has exactly one owner
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_the_emitted_stage_graphs_chained_compute_the_tapped_graph(name):
+    """Each rank's emitted graph, fed its inputs and what earlier ranks sent, reproduces the tapped graph's model
+    output and taps exactly (the oracle is the one-process tapped graph; eval mode so BatchNorm buffers stay)."""
+    prog, data = _program(name)
+    prog.model.eval()
+    prog.check_guards()
+    names = [b.name for b in prog.blocks]
+    ranks = {n: min(i * 3 // len(names), 2) for i, n in enumerate(names)}  # three contiguous stages
+    lay = build_layout(prog.tapped, prog.blocks, prog.nonblock, ranks)
+    x = data[0][0]
+    out_node = next(n for n in prog.tapped.graph.nodes if n.op == "output")
+    wanted = [n.name for n in out_node.args[0][1:]]
+    env: dict = {}
+    for r in sorted(lay.nodes):
+        ins = [x for _ in lay.placeholders.get(r, ())]
+        received = [env[n] for src in lay.upstream(r) for n in lay.sends[(src, r)]]
+        env.update(stage_graph(prog.tapped, lay, r, keep=[w for w in wanted if lay.stage_of.get(w) == r])(
+            *ins, *received))
+    with torch.no_grad():
+        ref = prog.tapped(x)
+    for name_, value in zip(wanted, ref[1:]):
+        assert torch.equal(env.get(name_, x), value), name_
+    assert len(lay.nodes) == 3 and all(lay.nodes.values())
 
 
 def test_a_layout_against_the_data_flow_is_refused():

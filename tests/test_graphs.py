@@ -234,7 +234,7 @@ def test_inner_lr_is_a_graph_input_so_schedules_need_no_retrace():
     prog.step(x, y)
     for name, (gm, args) in prog.inner_jobs(res["inputs"], res["targets"]).items():
         assert gm is before[name] and prog.inner_graph(name) is before[name], name  # the same graph objects
-        assert float(args[prog.inner_io_names(name)[0].index("lr")]) == 0.5  # the new lr is an argument
+        assert float(args[prog.inner_signature(name).input_names.index("lr")]) == 0.5  # the new lr is an argument
     with pytest.raises(lwcompile.ConfigError):
         prog.inner_lr = -1.0
     before = [p.detach().clone() for p in m.parameters()]

@@ -1,12 +1,17 @@
 """ACCEPTANCE: a compiled program exported with ``prog.export_onnx(dir)`` trains from the files alone.
 
-For an MLP, a CNN (Conv + BatchNorm2d in train mode + ReLU + MaxPool + Linear, cross-entropy) and a
-TransformerEncoderLayer, each built through ``lwcompile.transform``:
+For an MLP (MSE), a CNN (Conv + BatchNorm2d in train mode + ReLU + MaxPool + Linear, cross-entropy) and a
+TransformerEncoderLayer (MSE), each built through ``lwcompile.transform`` and exported right away (no step, no
+example labels: they are inferred from the loss):
 - every exported graph (the target graph, every inner-update graph) run in onnxruntime matches the PyTorch graph
-  to 1e-5 relative on fresh random inputs (not the trace inputs);
+  to 1e-5 relative on fresh random inputs (not the trace inputs), at the example's batch size and at another one
+  (every graph has a dynamic batch dimension);
 - 5 training steps run entirely from ONNX (``OrtProgram``) end with the weights and buffers of 5 ``prog.step``
   calls on a deep copy of the model (same config, same data), to 1e-4 relative; ``write_back`` puts them into a
-  fresh model.
+  fresh model; further steps on a partial and a larger batch give ``prog.step``'s loss to 1e-5 relative;
+- a program exported after k steps continues from its state (inner and outer optimizer states) to 1e-5 on the
+  loss; ``OrtProgram.state_dict()`` saved with torch.save and loaded (weights_only=True) into a fresh run continues
+  identically, and a state from another export is refused.
 And: the onnxruntime-training inner loop equals ``prog.step`` for inner_optimizer="gd"; the numpy outer optimizers
 equal torch.optim; ``lwcompile export`` writes such a directory; an unexportable model raises ExportError naming the
 op and the graph and leaves nothing behind. Each model is exported once (module-scoped fixtures).
@@ -17,6 +22,8 @@ import argparse
 import copy
 import json
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,11 +37,13 @@ from torch import nn
 import lwcompile
 from lwcompile.cli_export import add_parser, load_export_factory, run
 from lwcompile.errors import ConfigError, ExportError, LwcompileError
+from lwcompile.passes.inner import build_inner_graph, inner_example
 from lwcompile.runtime.ort import OrtProgram
 from lwcompile.runtime.ort_optim import make_numpy_optimizer
 from test_onnx_export import assert_matches, examples_from_meta, fresh_like
 
 TRAIN_RTOL = 1e-4
+LOSS_RTOL = 1e-5
 STEPS = 5
 
 
@@ -99,7 +108,7 @@ def exported(request, tmp_path_factory) -> Exported:
     data = [(case.x(g), case.y(g)) for _ in range(STEPS)]
     prog = lwcompile.transform(model, case.loss, (data[0][0],), case.config)
     out = tmp_path_factory.mktemp(request.param) / "onnx"
-    man = prog.export_onnx(str(out), example_labels=data[0][1])
+    man = prog.export_onnx(str(out))  # right after transform: the labels follow from the loss
     return Exported(request.param, case, prog, twin, data, out, man)
 
 
@@ -118,17 +127,38 @@ def test_every_exported_graph_matches_torch_on_fresh_inputs(exported):
     fix = {i: (lambda g, t: torch.rand(t.shape, generator=g) + 0.5) for i, n in enumerate(ins) if "running_var" in n}
     if exported.name == "cnn":
         fix[len(ins) - 1] = lambda g, t: torch.randint(0, 5, t.shape, generator=g)
+    fix0 = dict(fix)
     flat = fresh_like(examples_from_meta(prog.target_graph), 11, fix)
     assert_matches(prog.target_graph, flat, str(out / files["target"]["file"]), ins, outs)
     # inner graphs: fresh weights, x, target; a small positive lr and positive optimizer state (second moments)
     for b in prog.blocks:
-        iins, iouts = prog.inner_io_names(b.name)
+        iins, iouts = prog.inner_signature(b.name).names()
         gm = prog.inner_graph(b.name)
         fix = {iins.index("lr"): lambda g, t: torch.tensor(1e-2)}
         fix |= {i: (lambda g, t: torch.rand(t.shape, generator=g) + 0.1)
                 for i, n in enumerate(iins) if n.startswith("state")}
         fresh = fresh_like(examples_from_meta(gm), 12, fix)
         assert_matches(gm, fresh, str(out / files[f"inner/{b.name}"]["file"]), iins, iouts)
+    # another batch size: the same files against the graphs torch traces for it
+    g = torch.Generator().manual_seed(5)
+    x, y = exported.case.x(g), exported.case.y(g)
+    x, y = torch.cat([x, x[:1]]), torch.cat([y, y[:1]])  # one row more than the example
+    other = prog.build_target_graph(y, x)
+    flat = fresh_like(examples_from_meta(other), 13, {k: f for k, f in fix0.items()})
+    assert_matches(other, flat, str(out / files["target"]["file"]), ins, outs)
+    out_node = next(n for n in other.graph.nodes if n.op == "output")
+    shape = {k: tuple(v.meta["val"].shape) for k, v in zip(prog.target_signature.output_names, out_node.args[0])}
+    for b in prog.blocks:  # (the batch need not be the first dimension: attention projections see (seq, batch, ·))
+        iins, iouts = prog.inner_signature(b.name).names()
+        example = list(inner_example(b, prog.config, 1))
+        k = iins.index("x")
+        example[k:k + 2] = [torch.zeros(shape[f"block_input:{b.name}"]), torch.zeros(shape[f"target:{b.name}"])]
+        gm = build_inner_graph(b, prog.config, tuple(example))
+        fix = {iins.index("lr"): lambda g, t: torch.tensor(1e-2)}
+        fix |= {i: (lambda g, t: torch.rand(t.shape, generator=g) + 0.1)
+                for i, n in enumerate(iins) if n.startswith("state")}
+        assert_matches(gm, fresh_like(examples_from_meta(gm), 14, fix), str(out / files[f"inner/{b.name}"]["file"]),
+                       iins, iouts)
 
 
 def test_manifest_holds_everything_needed_to_train(exported):
@@ -164,7 +194,7 @@ def test_five_steps_from_onnx_equal_prog_step_and_write_back(exported):
         ref = prog.step(x, y)
         assert abs(got - ref) <= TRAIN_RTOL * abs(ref)
     state = exported.twin.state_dict()
-    for name, v in run_.state_dict().items():
+    for name, v in run_.weights().items():
         assert _rel_err(v, state[name].numpy()) <= TRAIN_RTOL, name
     start = exported.prog.model.state_dict()  # the exported program itself never stepped
     assert all(not np.allclose(v, start[n].numpy()) for n, v in run_.params.items())
@@ -172,13 +202,16 @@ def test_five_steps_from_onnx_equal_prog_step_and_write_back(exported):
     fresh = exported.case.build()
     run_.write_back(fresh)
     for name, t in fresh.state_dict().items():
-        np.testing.assert_array_equal(t.numpy(), run_.state_dict()[name])
-    with pytest.raises(LwcompileError, match="static shapes"):
-        run_.step(torch.cat([exported.data[0][0]] * 2).numpy(), torch.cat([exported.data[0][1]] * 2).numpy())
+        np.testing.assert_array_equal(t.numpy(), run_.weights()[name])
+    x, y = exported.data[0]
+    n = max(x.shape[0] // 2, 1) + 1  # a partial last batch, then a larger one
+    for xb, yb in [(x[:n], y[:n]), (torch.cat([x, x[:n]]), torch.cat([y, y[:n]]))]:
+        got, ref = run_.step(xb.numpy(), yb.numpy()), prog.step(xb, yb)
+        assert abs(got - ref) <= LOSS_RTOL * abs(ref), (xb.shape, got, ref)
 
 
 @pytest.mark.parametrize("exported", ["cnn"], indirect=True)  # BatchNorm buffers and outer-optimizer state
-def test_export_after_steps_continues_where_the_program_was(exported, tmp_path):
+def test_export_after_steps_continues_where_the_program_was(exported, cli_export, tmp_path):
     model = copy.deepcopy(exported.prog.model)  # the exported program never stepped: its model is as built
     prog = lwcompile.transform(model, exported.case.loss, (exported.data[0][0],), exported.case.config)
     for x, y in exported.data[:2]:
@@ -186,11 +219,86 @@ def test_export_after_steps_continues_where_the_program_was(exported, tmp_path):
     man = prog.export_onnx(str(tmp_path / "later"), training=False)
     assert man["program"]["outer"]["state_file"] == "outer_state.npz" and man["program"]["step_count"] == 2
     run_ = OrtProgram(tmp_path / "later")
-    for x, y in exported.data[2:]:
-        assert abs(run_.step(x, y) - prog.step(x, y)) <= TRAIN_RTOL * 10
+    x, y = exported.data[2]
+    for xb, yb in [(x, y), (x[:3], y[:3])]:  # the example's batch, then a partial one
+        got, ref = run_.step(xb, yb), prog.step(xb, yb)
+        assert abs(got - ref) <= LOSS_RTOL * abs(ref)
+    # save, load into a fresh run of the same files (torch.load with weights_only=True), continue identically
+    torch.save(run_.state_dict(), tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert saved["step_count"] == 4 and set(saved["outer_state"]) == set(prog.nonblock)
+    again = OrtProgram(tmp_path / "later")
+    again.load_state_dict(saved)
+    for x, y in exported.data[3:]:
+        a, b, ref = run_.step(x, y), again.step(x, y), prog.step(x, y)
+        assert a == b and abs(a - ref) <= LOSS_RTOL * abs(ref)
     state = model.state_dict()
-    for name, v in run_.state_dict().items():
+    for name, v in run_.weights().items():
         assert _rel_err(v, state[name].numpy()) <= TRAIN_RTOL, name
+        np.testing.assert_array_equal(again.weights()[name], v)
+    # a state from another export, or with another shape, is refused before anything changes
+    with pytest.raises(LwcompileError, match="fingerprint"):
+        OrtProgram(cli_export[0]).load_state_dict(saved)
+    bad = copy.deepcopy(saved)
+    name = next(iter(bad["params"]))
+    bad["params"][name] = bad["params"][name][:1]
+    before = again.weights()
+    with pytest.raises(LwcompileError, match="nothing was loaded"):
+        again.load_state_dict(bad)
+    assert all(np.array_equal(v, again.weights()[k]) for k, v in before.items())
+    assert again.step_count == saved["step_count"] + len(exported.data[3:])
+
+
+def test_an_exported_program_continues_its_inner_lr_schedule(tmp_path):
+    """The schedule is a pure function of step_count (Config fields), so the files continue it: each step's
+    loss equals prog.step's while the warm-up changes the inner lr every step."""
+    case = CASES["mlp"]
+    cfg = case.config.replace(inner_optimizer="gd", inner_lr=0.05, inner_lr_warmup_steps=4,
+                              inner_lr_warmup_start=0.25, inner_lr_anneal="linear", inner_lr_anneal_steps=3)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = [(case.x(g), case.y(g)) for _ in range(7)]
+    prog = lwcompile.transform(case.build(), case.loss, (data[0][0],), cfg)
+    for x, y in data[:2]:
+        prog.step(x, y)
+    prog.export_onnx(str(tmp_path / "sched"), training=False)
+    run_ = OrtProgram(tmp_path / "sched")
+    lrs = []
+    for x, y in data[2:]:
+        lrs.append(run_.effective_inner_lr)
+        assert lrs[-1] == pytest.approx(prog.effective_inner_lr, rel=1e-12)
+        got, ref = run_.step(x, y), prog.step(x, y)
+        assert abs(got - ref) <= LOSS_RTOL * abs(ref)
+    assert len(set(lrs)) >= 3  # the schedule really moved during the comparison
+
+
+@pytest.mark.parametrize("exported", ["mlp"], indirect=True)  # inner Adam
+def test_adam_training_artifacts_equal_prog_step_and_refuse_a_started_state(exported, tmp_path):
+    # export's default artifact optimizer for inner Adam: onnxruntime's AdamW in torch mode, no weight decay
+    assert {t["optimizer"] for t in exported.manifest["training"]} == {"adam"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact pair: no "different method" warning
+        run_ = OrtProgram(exported.out, inner="training")
+    model = copy.deepcopy(exported.prog.model)  # as exported: the exported program never stepped
+    prog = lwcompile.transform(model, exported.case.loss, (exported.data[0][0],), exported.case.config)
+    x, y = exported.data[0]
+    for xb, yb in [*exported.data[:3], (x[:7], y[:7])]:  # the example's batch, then a partial one
+        got, ref = run_.step(xb.numpy(), yb.numpy()), prog.step(xb, yb)
+        assert abs(got - ref) <= LOSS_RTOL * abs(ref)
+    state = model.state_dict()
+    for name, v in run_.params.items():
+        assert _rel_err(v, state[name].numpy()) <= TRAIN_RTOL, name
+    with pytest.raises(LwcompileError, match="onnxruntime"):
+        run_.state_dict()  # AdamW's moments live inside onnxruntime
+    # a directory whose exported Adam state is not the initial one: onnxruntime cannot be given it
+    started = tmp_path / "started"
+    shutil.copytree(exported.out, started)
+    with np.load(started / "inner_state.npz") as z:
+        arrays = {k: np.ones_like(z[k]) for k in z.files}
+    np.savez(started / "inner_state.npz", **arrays)
+    with pytest.raises(LwcompileError, match="starts at zero"):
+        OrtProgram(started, inner="training")
+    assert OrtProgram(started).inner_state  # the inner graphs continue from it
 
 
 # ------------------------------------------------------------------------------------- the CLI + ORT training
@@ -250,6 +358,9 @@ def test_training_artifact_inner_loop_equals_prog_step_for_gd(cli_export, decay)
     for _ in range(3):
         x, y = torch.randn(8, 5, generator=g), torch.randn(8, 2, generator=g)
         assert abs(run_.step(x.numpy(), y.numpy()) - prog.step(x, y)) <= TRAIN_RTOL
+    x, y = torch.randn(5, 5, generator=g), torch.randn(5, 2, generator=g)  # a partial batch: dynamic artifacts
+    got, ref = run_.step(x.numpy(), y.numpy()), prog.step(x, y)
+    assert abs(got - ref) <= LOSS_RTOL * abs(ref)
     state = model.state_dict()
     for name, v in run_.params.items():
         assert _rel_err(v, state[name].numpy()) <= TRAIN_RTOL, name

@@ -6,7 +6,7 @@ weights regardless of the global RNG state.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,18 +94,25 @@ def bce_sum(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(probs, target, reduction="sum") / probs.shape[0]
 
 
-def reference_lr_factor(epoch: int, warmup_epochs: int = 5, num_epochs: int = 100) -> float:
-    """The learning-rate multiplier of the paper's official LocoProp code for a 0-based epoch.
+def reference_schedule(steps_per_epoch: int, warmup_epochs: int = 5, num_epochs: int = 100) -> dict[str, Any]:
+    """The paper's official learning-rate schedule as :class:`lwcompile.Config` fields, for ``steps_per_epoch``.
 
-    Linear warm-up e / W for e < W (so epoch 0 runs at 0), then linear decay 1 − (e + 1 − W) / (N − W), held
-    constant within an epoch (the official run: W = 5, N = 100, 99 epochs trained).
+    The official LocoProp code multiplies the lr of 0-based epoch e by e / W for e < W (so epoch 0 runs at 0),
+    then by 1 − (e + 1 − W) / (N − W), held constant within an epoch (its run: W = 5, N = 100, 99 epochs trained).
+    These fields give the same factors bit for bit (:func:`lwcompile.schedule.schedule_factor`).
 
-    >>> [round(reference_lr_factor(e), 4) for e in (0, 1, 4, 5, 6, 98)]
+    >>> import lwcompile
+    >>> from lwcompile.schedule import schedule_factor
+    >>> cfg = lwcompile.Config(**reference_schedule(steps_per_epoch=3))
+    >>> [round(schedule_factor(cfg, 3 * e + 2), 4) for e in (0, 1, 4, 5, 6, 98)]
     [0.0, 0.2, 0.8, 0.9895, 0.9789, 0.0105]
     """
-    if epoch < warmup_epochs:
-        return epoch / warmup_epochs
-    return max(1.0 - (epoch + 1 - warmup_epochs) / (num_epochs - warmup_epochs), 0.0)
+    if steps_per_epoch < 1 or warmup_epochs < 0 or num_epochs <= warmup_epochs:
+        raise ValueError(f"need steps_per_epoch >= 1 and 0 <= warmup_epochs < num_epochs, got {steps_per_epoch}, "
+                         f"{warmup_epochs}, {num_epochs}")
+    return {"inner_lr_warmup_steps": warmup_epochs * steps_per_epoch, "inner_lr_warmup_start": 0.0,
+            "inner_lr_anneal": "linear", "inner_lr_anneal_steps": (num_epochs - warmup_epochs) * steps_per_epoch,
+            "inner_lr_anneal_end": 0.0, "inner_lr_schedule_every": steps_per_epoch}
 
 
 def sigmoid_xent_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
