@@ -12,7 +12,7 @@ from lwcompile.passes.local_losses import LOSS_RULES, TARGET_RULES
 # Target kinds and local losses are rows of passes/local_losses.py; what Config validates is read from them.
 TARGETS = tuple(TARGET_RULES)
 LOCAL_LOSSES = tuple(LOSS_RULES)
-INNER_OPTIMIZERS = ("gd", "momentum", "rmsprop", "rmsprop_tf1", "adam")
+INNER_OPTIMIZERS = ("gd", "momentum", "rmsprop", "rmsprop_tf1", "adam", "exact")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "none")
 FRONTENDS = ("auto", "fx", "export")
 INNER_LR_ANNEALS = ("none", "linear", "cosine")
@@ -30,7 +30,9 @@ _INNER_DEFAULTS = {
     "rmsprop": {"momentum": 0.0, "decay": 0.99, "eps": 1e-8},
     "rmsprop_tf1": {"momentum": 0.999, "decay": 0.9, "eps": 1e-5},
     "adam": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "exact": {},  # a closed-form solve (passes/exact_solver.py): no options, no state; steps and inner_lr unused
 }
+EXACT_LOSSES = ("squared_pre",)  # local losses quadratic in the weights: what inner_optimizer="exact" can solve
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,11 @@ class Config:
                 f"Config.local_loss={self.local_loss!r} compares {LOSS_SPACE[self.local_loss]}-activations; "
                 f"use the METHOD.md pair local_loss={PAIRS[self.target]!r}."
             )
+        if self.inner_optimizer == "exact" and self.local_loss not in EXACT_LOSSES:
+            raise ConfigError(
+                f"Config.inner_optimizer='exact' solves a quadratic local loss ({', '.join(EXACT_LOSSES)}) in closed "
+                f"form; Config.local_loss={self.local_loss!r} is not quadratic in the weights. Use "
+                "target='gd_pre', local_loss='squared_pre' (LocoProp-S), or an iterative inner optimizer.")
         _positive("gamma", self.gamma)
         _positive("inner_lr", self.inner_lr, allow_zero=True)  # 0 is legitimate: a warm-up phase
         _positive("outer_lr", self.outer_lr, allow_zero=True)

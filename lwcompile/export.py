@@ -39,6 +39,10 @@ from lwcompile.runtime.ort import EXACT_ARTIFACT_OPTIMIZER
 
 def refuse_unexportable(prog, training: bool) -> None:
     """Patterns the torch runtime compiles exactly but the exported files would not reproduce."""
+    if prog.config.inner_optimizer == "exact":
+        raise ExportError("Config(inner_optimizer='exact'): the inner graphs' Cholesky solve "
+                          "(torch.ops.lwcompile.spd_solve) has no ONNX translation; train with prog.step, or export a "
+                          "program compiled with an iterative inner optimizer.")
     gm = prog.trace_result.graph_module
     names = {n for n, _ in gm.named_parameters()}
     nonblock = {id(gm.get_parameter(n)) for n in prog.nonblock}

@@ -60,7 +60,8 @@ class ProgramTools:
 
         slots = make_optimizer(self.config.inner_optimizer, self.config.optimizer_options()).slots
         return make_plan(self.blocks, self.partition.edges, self.config.steps, devices, mode,
-                         profile=profile, device_rate=device_rate, optimizer_slots=slots)
+                         profile=profile, device_rate=device_rate, optimizer_slots=slots,
+                         exact=self.config.inner_optimizer == "exact")
 
     def export_onnx(self, out_dir: str, **kwargs: Any):
         """Write every graph to ONNX files in ``out_dir``, with the current weights, optimizer states and a manifest.

@@ -26,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from lwcompile.config import Config
 from lwcompile.ir import Block
+from lwcompile.passes.exact_solver import EXACT, check_exact, make_exact_fn
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.local_losses import residual
 from lwcompile.passes.optimizers import make_optimizer
@@ -38,6 +39,8 @@ def inner_lr_factor(k: int, steps: int, decay: bool) -> float:
 
 
 def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Tensor, ...]]:
+    if config.inner_optimizer == EXACT:  # one closed-form solve instead of T iterations
+        return make_exact_fn(block, config)
     op = LINEAR_OPS[block.op]
     attrs, kw = dict(block.attrs), dict(block.transfer_kwargs)
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
@@ -95,6 +98,8 @@ def build_inner_graph(block: Block, config: Config, example: tuple[torch.Tensor,
 
 def inner_signature(block: Block, config: Config) -> InnerSignature:
     """The inner graph's signature: its inputs and outputs by name."""
+    if config.inner_optimizer == EXACT:  # computed at compile time: refuse blocks it cannot solve exactly here
+        check_exact(block, config)
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
     params = ("weight", "bias") if block.bias is not None else ("weight",)
     return InnerSignature(params, len(opt.init(tuple(torch.zeros(1) for _ in params))))

@@ -96,7 +96,14 @@ def _adam(opts: dict) -> InnerOptimizer:
     return InnerOptimizer("adam", 2, init, update)
 
 
-_REGISTRY = {"gd": _gd, "momentum": _momentum, "rmsprop": _rmsprop, "rmsprop_tf1": _rmsprop_tf1, "adam": _adam}
+def _exact(opts: dict) -> InnerOptimizer:
+    def update(gs, st, ps, lr):  # never called: passes/exact_solver.py replaces the whole inner loop
+        raise NotImplementedError("inner_optimizer='exact' has no iterative update; see passes/exact_solver.py")
+
+    return InnerOptimizer("exact", 0, lambda ps: (), update)
+
+
+_REGISTRY = {"exact": _exact, "gd": _gd, "momentum": _momentum, "rmsprop": _rmsprop, "rmsprop_tf1": _rmsprop_tf1, "adam": _adam}
 
 
 def make_optimizer(name: str, opts: dict[str, Any]) -> InnerOptimizer:

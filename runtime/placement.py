@@ -41,6 +41,7 @@ def make_plan(
     device_rate: float | None = None,
     optimizer_slots: int = 0,
     check_devices: bool = True,
+    exact: bool = False,
 ) -> Plan:
     """Place the inner loops of `blocks` on `devices` and predict the inner phase's makespan.
 
@@ -53,6 +54,7 @@ def make_plan(
     device_rate: FLOP/s used to turn FLOPs into seconds; None measures a CPU matmul once per process (with its own
                  RNG: planning never touches torch's global random state).
     optimizer_slots: parameter-sized state tensors of the inner optimizer (gd 0, momentum/rmsprop 1, adam 2).
+    exact:       cost each block's inner phase as one exact solve (``inner_optimizer="exact"``), not `steps` iterations.
     check_devices: refuse (ConfigError) device names this machine cannot run, e.g. "cuda:1" with one GPU, so the
                  plan fails here rather than at step time. False plans for another machine (pure: any names).
 
@@ -77,7 +79,7 @@ def make_plan(
         check_runnable(names)
     if not blocks:
         raise ConfigError("make_plan got no blocks to place; the program must have at least one block.")
-    costs = block_costs(blocks, steps, optimizer_slots, device_rate, profile)
+    costs = block_costs(blocks, steps, optimizer_slots, device_rate, profile, exact=exact)
     graph = build_graph(blocks, edges, costs)
     graph.graph.update(steps=steps, mode=mode)
     seconds = {n: graph.nodes[n]["cost"] for n in graph}

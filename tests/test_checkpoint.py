@@ -24,8 +24,10 @@ def make_model(seed: int, hidden: int = 6) -> nn.Module:
 
 
 def make_config(inner_optimizer: str, **kw) -> lwcompile.Config:
+    # the exact solve needs the quadratic local loss (and a proximal term for this small batch)
+    exact = dict(target="gd_pre", local_loss="squared_pre", prox=1.0) if inner_optimizer == "exact" else {}
     return lwcompile.Config(steps=2, inner_optimizer=inner_optimizer, inner_lr=0.05, outer_optimizer="adam",
-                            outer_lr=0.01, **SCHEDULE).replace(**kw)
+                            outer_lr=0.01, **SCHEDULE, **exact).replace(**kw)
 
 
 def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

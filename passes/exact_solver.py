@@ -1,0 +1,219 @@
+"""Exact inner solve for the squared pre-activation loss (METHOD.md, "Exact inner solve").
+
+With local(z, a) = ½‖z − a‖² the inner problem of a block is ridge regression in its weights:
+    min over W̃ of ½ Σ_i ‖W̃ x_i (+ b̃) − a_i‖² + (λ/2)‖W̃ − W‖²  (the bias in the proximal term too).
+Writing W̃ = W + Δ, with X the rows x_iᵀ (a column of ones appended for a trainable bias) and R the residuals
+a_i − z_i at the current weights, the minimizer is (XᵀX + λI) Δᵀ = XᵀR: one Cholesky solve of the batch-summed
+Gram matrix replaces the T iterations (``Config(inner_optimizer="exact")``; T and the inner lr are unused).
+Solving for the change Δ rather than for W̃ keeps float32 accurate: the solve's rounding scales with ‖Δ‖, not ‖W‖.
+
+A convolution is the same problem on its unfolded (im2col) input, one problem per group. ``make_exact_fn``
+returns the pure function ``(W, [b], x, target, lr) -> (W', [b'])`` that :mod:`lwcompile.passes.inner` traces into
+the block's inner graph, like every other inner optimizer (no optimizer state). The factorization itself is the
+op ``torch.ops.lwcompile.spd_solve``: Cholesky in float32, then with a tiny jitter, then in float64, and a clear
+:class:`~lwcompile.errors.LwcompileError` when the system is singular (λ = 0 and a rank-deficient batch).
+
+Example:
+    >>> import torch
+    >>> from lwcompile.config import Config
+    >>> from lwcompile.ir import Block
+    >>> blk = Block("fc", "fc", "linear", (), "identity", (), "fc.weight", None, (2, 3), None, (8, 3), (8, 2), 12)
+    >>> fn = make_exact_fn(blk, Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact"))
+    >>> x, W_true = torch.randn(8, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    >>> W, = fn(torch.zeros(2, 3, dtype=torch.float64), x, x @ W_true.T, torch.tensor(0.0))
+    >>> torch.allclose(W, W_true)
+    True
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lwcompile.config import Config
+from lwcompile.errors import ConfigError, LwcompileError
+from lwcompile.ir import Block
+from lwcompile.runtime.costs import exact_problem
+
+EXACT = "exact"
+QUADRATIC_LOSSES = ("squared_pre",)  # local losses whose inner problem is least squares in W
+
+
+# ---------------------------------------------------------------- the factorization, as one graph op
+@torch.library.custom_op("lwcompile::spd_solve", mutates_args=())
+def spd_solve(gram: torch.Tensor, rhs: torch.Tensor, block: str, prox: float) -> torch.Tensor:
+    """Solve gram @ out = rhs for symmetric positive (semi)definite, possibly batched, ``gram``.
+
+    Cholesky in the input dtype. With ``prox > 0`` the system is positive definite in exact arithmetic, so a
+    failure is rounding: retry with a jitter of 1e-6 × the mean diagonal (float32's rounding level of the Gram
+    matrix). Then float64 without jitter. What still fails is singular (only possible with ``prox == 0``, e.g. an
+    input feature that is zero for the whole batch): refused, naming ``block``, never silently regularized.
+    """
+    d = gram.shape[-1]
+    L, info = torch.linalg.cholesky_ex(gram)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(rhs, L)
+    if gram.dtype != torch.float64:
+        if prox > 0:
+            scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
+            eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+            L, info = torch.linalg.cholesky_ex(gram + 1e-6 * scale * eye)
+            if bool((info == 0).all()):
+                return torch.cholesky_solve(rhs, L)
+        L, info = torch.linalg.cholesky_ex(gram.double())
+        if bool((info == 0).all()):
+            return torch.cholesky_solve(rhs.double(), L).to(rhs.dtype)
+    hint = ("with Config.prox=0 the Gram matrix XᵀX is singular whenever the batch's inputs do not span the input "
+            "space (fewer rows than features, or a feature that is zero or constant over the batch, like MNIST's "
+            "border pixels); use Config(prox=...) > 0 (e.g. 1.0)") if prox == 0 else (
+            "the Gram matrix is not positive definite even with the proximal term: check the block's inputs for "
+            "NaN/inf")
+    raise LwcompileError(f"block {block!r}: the exact inner solve's {d}x{d} system is singular; {hint}.")
+
+
+@spd_solve.register_fake
+def _(gram: torch.Tensor, rhs: torch.Tensor, block: str, prox: float) -> torch.Tensor:
+    return torch.empty_like(rhs)
+
+
+# ---------------------------------------------------------------- design matrices, per op kind
+def _im2col(x: torch.Tensor, k: tuple, stride: tuple, padding: tuple, dilation: tuple) -> torch.Tensor:
+    """(N, C, *S) -> (N, C·∏k, L): the conv's input patches, channel-major like ``W.reshape(C_out, -1)``."""
+    nd = len(k)
+    if nd == 2:
+        return F.unfold(x, k, dilation, padding, stride)
+    if nd == 1:
+        return F.unfold(x.unsqueeze(2), (1, k[0]), (1, dilation[0]), (0, padding[0]), (1, stride[0]))
+    pad = [p for q in reversed(padding) for p in (q, q)]
+    xp = F.pad(x, pad) if any(padding) else x
+    out = [(xp.shape[2 + d] - dilation[d] * (k[d] - 1) - 1) // stride[d] + 1 for d in range(nd)]
+    patches = []
+    for offs in itertools.product(*(range(kd) for kd in k)):
+        idx = [slice(None), slice(None)]
+        for d in range(nd):
+            s = offs[d] * dilation[d]
+            idx.append(slice(s, s + stride[d] * (out[d] - 1) + 1, stride[d]))
+        patches.append(xp[tuple(idx)])
+    return torch.stack(patches, 2).reshape(x.shape[0], x.shape[1] * len(patches), -1)
+
+
+def check_exact(block: Block, config: Config, batch: int | None = None) -> None:
+    """Refuse (ConfigError) what the exact solve cannot do exactly, naming the block."""
+    if config.local_loss not in QUADRATIC_LOSSES:
+        raise ConfigError(f"Config(inner_optimizer='exact') solves the quadratic local loss "
+                          f"{'/'.join(QUADRATIC_LOSSES)} in closed form; local_loss={config.local_loss!r} is not "
+                          "quadratic in the weights: use an iterative inner optimizer (e.g. 'rmsprop_tf1').")
+    attrs = dict(block.attrs)
+    if block.op.startswith("conv_transpose"):
+        raise ConfigError(f"block {block.name!r} ({block.op}): the exact inner solve handles linear, matmul and "
+                          "conv1d/2d/3d blocks, not transposed convolutions; skip the block (Config.skip) or use an "
+                          "iterative inner optimizer.")
+    if block.op not in ("linear", "matmul") and not block.op.startswith("conv"):
+        raise ConfigError(f"block {block.name!r}: op {block.op!r} has no exact inner solve.")
+    if attrs.get("padding_mode", "zeros") != "zeros":
+        raise ConfigError(f"block {block.name!r}: padding_mode={attrs['padding_mode']!r}; the exact inner solve "
+                          "unfolds zero-padded inputs only: use padding_mode='zeros' or an iterative inner optimizer.")
+    if block.op.startswith("conv") and not all(isinstance(p, int) for p in attrs.get("padding", ())):
+        raise ConfigError(f"block {block.name!r}: padding {attrs.get('padding')!r} is not a tuple of ints.")
+    if block.op == "matmul" and len(block.weight_shape) != 2:
+        raise ConfigError(f"block {block.name!r}: a matmul weight of shape {block.weight_shape} is not a matrix.")
+    if config.prox == 0 and block.weight not in block.frozen:
+        _, rows, cols, _ = exact_problem(block, batch)
+        if rows < cols:
+            raise ConfigError(
+                f"block {block.name!r}: with Config.prox=0 the exact inner solve's {cols}x{cols} system has rank at "
+                f"most {rows} (rows of the batch): it is singular. Use Config(prox=...) > 0 (e.g. 1.0) or a larger "
+                "batch.")
+
+
+# ---------------------------------------------------------------- the inner function
+def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``(W, [b], x, target, lr) -> (W', [b'])``: the exact minimizer of the block's local problem.
+
+    ``preact_given=True`` makes the last input the forward pass's pre-activation â = op(x; W, b) instead of ``lr``,
+    saving the recomputation of Z = XWᵀ (2·rows·D·O FLOPs, about a quarter of the solve). The runtimes do not hand
+    â to inner graphs (the signature has no slot for it); the benchmark uses this to measure what reusing it saves.
+    """
+    check_exact(block, config)
+    attrs = dict(block.attrs)
+    has_bias = block.bias is not None
+    fit_w = block.weight not in block.frozen
+    fit_b = has_bias and block.bias not in block.frozen
+    prox = float(config.prox)
+    op = block.op
+
+    def exact_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        W = flat[0]
+        b = flat[1] if has_bias else None
+        x, target = flat[1 + has_bias], flat[2 + has_bias]
+        X, A, groups = _design(op, attrs, x, target, W)
+        if preact_given:
+            Z = _out_rows(op, flat[3 + has_bias], groups)
+        else:
+            Z = X @ _weight_cols(op, W, groups)  # the current pre-activation, (G, rows, O)
+            if b is not None:
+                Z = Z + b.reshape(groups, 1, -1)
+        R = A - Z
+        dW, db = _solve(X, R, fit_w, fit_b, prox, block.name)
+        new_w = _weight_from_cols(op, W, dW) if fit_w else W
+        new_b = (b + db.reshape(b.shape)) if fit_b else b
+        return (new_w, new_b) if has_bias else (new_w,)
+
+    return exact_update
+
+
+def _design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
+            W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block."""
+    if op in ("linear", "matmul"):
+        return x.reshape(1, -1, x.shape[-1]), _out_rows(op, target, 1), 1
+    g = int(attrs["groups"])
+    cols = _im2col(x, tuple(W.shape[2:]), tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"]))
+    n, L = cols.shape[0], cols.shape[2]
+    return cols.reshape(n, g, -1, L).permute(1, 0, 3, 2).reshape(g, n * L, -1), _out_rows(op, target, g), g
+
+
+def _out_rows(op: str, t: torch.Tensor, groups: int) -> torch.Tensor:
+    """An output-shaped tensor (target, pre-activation) as (G, rows, O)."""
+    if op in ("linear", "matmul"):
+        return t.reshape(1, -1, t.shape[-1])
+    n, c = t.shape[0], t.shape[1]
+    return t.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
+
+
+def _weight_cols(op: str, W: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight as (G, D, O) so that Z = X @ it."""
+    if op == "linear":
+        return W.t().unsqueeze(0)
+    if op == "matmul":
+        return W.unsqueeze(0)
+    return W.reshape(groups, W.shape[0] // groups, -1).transpose(1, 2)
+
+
+def _weight_from_cols(op: str, W: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
+    if op == "linear":
+        return W + dW[0].t()
+    if op == "matmul":
+        return W + dW[0]
+    return W + dW.transpose(1, 2).reshape(W.shape)
+
+
+def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: float,
+           name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + 1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²)."""
+    g, rows, d = X.shape
+    if not fit_w:  # only the bias moves: a mean, shrunk by λ
+        return None, (R.sum(1) / (rows + prox) if fit_b else None)
+    Xt = X.transpose(1, 2)
+    gram, rhs = Xt @ X, Xt @ R
+    if fit_b:  # the ones column, without copying X: [[XᵀX, Xᵀ1], [1ᵀX, rows]]
+        s = X.sum(1).unsqueeze(2)
+        n = torch.full((g, 1, 1), float(rows), dtype=X.dtype, device=X.device)
+        gram = torch.cat([torch.cat([gram, s], 2), torch.cat([s.transpose(1, 2), n], 2)], 1)
+        rhs = torch.cat([rhs, R.sum(1, keepdim=True)], 1)
+    if prox > 0:
+        gram = gram + prox * torch.eye(gram.shape[-1], dtype=X.dtype, device=X.device)
+    sol = torch.ops.lwcompile.spd_solve(gram, rhs, name, prox)
+    return sol[:, :d], (sol[:, d] if fit_b else None)
