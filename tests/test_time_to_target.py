@@ -47,7 +47,7 @@ def test_table_has_every_method_and_column(quick):
         assert "peer" in names
     except ImportError:
         assert "peer" not in names and any("locoprop" in n for n in res["notes"]) and "peer skipped" in md
-    assert [n for n in names if n != "peer"] == ["best", "adam", "defaults", "proposed-M", "rmsprop"]
+    assert [n for n in names if n != "peer"] == ["best", "adam", "defaults", "paper-M", "rmsprop"]
     for r in res["runs"]:
         assert md.count(f"| {r['name']} | ") >= 1
     assert res["cpu"] in md and "CPU:" in md
