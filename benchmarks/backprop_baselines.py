@@ -22,7 +22,7 @@ import torch
 
 from lwcompile.experiments.data import batches, load_images
 from lwcompile.experiments.models import (backprop_optimizer, AUTOENCODER_SIZES, deep_autoencoder,
-                                          sigmoid_xent_sum)
+                                          full_loss, sigmoid_xent_sum)
 
 # Grids around the usual good values for a loss summed over 784 pixels (gradients ~100x a mean loss,
 # hence the small SGD rates).
@@ -36,20 +36,6 @@ DIGITS_SIZES = (64, 32, 16, 8, 16, 32, 64)  # same shape of net, scaled to 8x8 i
 
 
 
-
-
-@torch.no_grad()
-def full_loss(model: torch.nn.Module, x: torch.Tensor, chunk: int = 10_000) -> float:
-    """Mean per-example task loss over all of `x`, in chunks to bound memory.
-
-    >>> m = deep_autoencoder((4, 2, 4)); round(full_loss(m, torch.zeros(3, 4)), 4)
-    2.7726
-    """
-    total = 0.0
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i:i + chunk]
-        total += float(sigmoid_xent_sum(model(xb), xb)) * xb.shape[0]
-    return total / x.shape[0]
 
 
 def train_backprop(

@@ -22,7 +22,6 @@ import argparse
 import os
 import socket
 import statistics
-import time
 import traceback
 from typing import Any
 
@@ -50,23 +49,6 @@ def build(name: str, batch: int, seed: int = 0):
         x = torch.rand(batch, 784, generator=g)
         y = torch.randint(0, 10, (batch,), generator=g)
     return lwcompile.transform(model, loss, x, cfg), x, y
-
-
-def profile_blocks(prog, x, y, repeats: int = 2) -> dict[str, float]:
-    """Each block's inner loop timed alone (best of ``repeats``), with the current thread setting."""
-    res = prog.compute_targets(x, y)
-    jobs = prog.inner_jobs(res["inputs"], res["targets"])
-    out = {}
-    with torch.no_grad():
-        for name, (fn, args) in jobs.items():
-            fn(*args)  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn(*args)
-                best = min(best, time.perf_counter() - t0)
-            out[name] = best
-    return out
 
 
 def time_local(prog, x, y, steps: int, threads: int, assignment=None) -> float:
@@ -133,7 +115,7 @@ def bench(name: str, batch: int, steps: int, processes: bool) -> list[dict[str, 
     rate = measure_device_rate("cpu", size=512)  # one thread: what each worker gets
     prog, x, y = build(name, batch)
     prog.step(x, y)  # builds the graphs
-    prof = profile_blocks(prog, x, y)
+    prof = prog.profile(x, y, repeats=2)
     rows = []
 
     def row(workers, how, threads, mode, measured, extra=""):

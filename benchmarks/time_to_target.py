@@ -49,7 +49,7 @@ from autoencoder import matmul_gflops  # noqa: E402
 from backprop_baselines import DIGITS_SIZES  # noqa: E402
 from lwcompile.experiments.data import batches, load_images  # noqa: E402
 from lwcompile.experiments.models import (AUTOENCODER_SIZES, backprop_optimizer, bce_sum,  # noqa: E402
-                                          deep_autoencoder, outputs_to_logits, sigmoid_xent_sum)
+                                          deep_autoencoder, full_loss, outputs_to_logits, sigmoid_xent_sum)
 from lwcompile.runtime.costs import exact_flops  # noqa: E402
 
 # The recipes the benchmark and the study compare (docs/performance.md says where "best" comes from).
@@ -84,16 +84,6 @@ def _median(xs: Sequence[float]) -> float:
     return s[len(s) // 2] if s else float("nan")
 
 
-@torch.no_grad()
-def eval_loss(logits_model: torch.nn.Module, x: torch.Tensor, chunk: int = 5000) -> float:
-    """Mean per-example sigmoid cross-entropy (summed over pixels) of the logits model on all of ``x``."""
-    total = 0.0
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i:i + chunk]
-        total += float(sigmoid_xent_sum(logits_model(xb), xb)) * xb.shape[0]
-    return total / x.shape[0]
-
-
 class Run:
     """One method from one init; ``train`` resumes where it stopped, so a grid winner just keeps going."""
 
@@ -118,7 +108,7 @@ class Run:
             epoch += 1
 
     def evaluate(self, x_eval: torch.Tensor) -> float:
-        loss = float("nan") if self.diverged else eval_loss(self.logits, x_eval)
+        loss = float("nan") if self.diverged else full_loss(self.logits, x_eval)
         self.evals.append((self.steps, self.clock, loss))
         return loss
 
@@ -272,7 +262,7 @@ def run_benchmark(x_train: torch.Tensor, x_eval: torch.Tensor, sizes: Sequence[i
     log(f"CPU: {res['cpu']}; torch threads {res['threads']}; float32 matmul {res['matmul_gflops'][0]:.1f} GFLOP/s")
     with torch.no_grad():
         init = deep_autoencoder(sizes, seed=seed).double()
-        res["init_eval_loss_float64"] = eval_loss(init, x_eval.double())
+        res["init_eval_loss_float64"] = full_loss(init, x_eval.double())
     stop = min(targets)
     runs: list[Run] = []
     for m in methods:

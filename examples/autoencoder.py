@@ -30,7 +30,7 @@ import torch
 import lwcompile
 from lwcompile.experiments.data import batches, load_images
 from lwcompile.experiments.models import (backprop_optimizer, AUTOENCODER_SIZES, bce_sum, deep_autoencoder,
-                                          outputs_to_logits, reference_schedule, sigmoid_xent_sum)
+                                          full_loss, outputs_to_logits, reference_schedule, sigmoid_xent_sum)
 from lwcompile.schedule import schedule_factor
 
 DIGITS_SIZES = (64, 32, 16, 8, 16, 32, 64)  # the same shape of net, scaled to 8x8 inputs
@@ -45,16 +45,6 @@ LOCOPROP = {
 BACKPROP = {"backprop-adam": "adam", "backprop-sgd": "sgd", "backprop-rmsprop": "rmsprop"}
 METHODS = tuple(LOCOPROP) + tuple(BACKPROP)
 BACKPROP_DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-4, "rmsprop": 1e-4}
-
-
-@torch.no_grad()
-def full_loss(logits_model: torch.nn.Module, x: torch.Tensor, chunk: int = 10_000) -> float:
-    """Mean per-example task loss (sigmoid cross-entropy summed over pixels) over all rows of `x`."""
-    total = 0.0
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i:i + chunk]
-        total += float(sigmoid_xent_sum(logits_model(xb), xb)) * xb.shape[0]
-    return total / x.shape[0]
 
 
 class Trainer:

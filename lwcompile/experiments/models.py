@@ -124,6 +124,21 @@ def sigmoid_xent_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
 
 
+@torch.no_grad()
+def full_loss(logits_model: nn.Module, x: torch.Tensor, chunk: int = 10_000) -> float:
+    """Mean per-example task loss (:func:`sigmoid_xent_sum`) of a logits model over all rows of ``x``, in chunks
+    to bound memory.
+
+    >>> m = deep_autoencoder((4, 2, 4)); round(full_loss(m, torch.zeros(3, 4)), 4)
+    2.7726
+    """
+    total = 0.0
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i:i + chunk]
+        total += float(sigmoid_xent_sum(logits_model(xb), xb)) * xb.shape[0]
+    return total / x.shape[0]
+
+
 def mlp(sizes: Sequence[int], act: str = "relu", seed: int = 0) -> nn.Sequential:
     """A plain MLP: Linear layers with `act` between them (none after the last). Glorot init.
 
