@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then run the whole test suite (about 5 minutes on 2 cores).
+# Install, then run the whole test suite (about 6 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
