@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lwcompile  # noqa: E402
 from autoencoder import matmul_gflops  # noqa: E402
+from levers import LEVERS, format_levers, measure_levers  # noqa: E402
 from backprop_baselines import DIGITS_SIZES  # noqa: E402
 from lwcompile.experiments.data import batches, load_images  # noqa: E402
 from lwcompile.experiments.models import (AUTOENCODER_SIZES, backprop_optimizer, bce_sum,  # noqa: E402
@@ -221,39 +222,12 @@ def make_peer(sizes: Sequence[int], x_train: torch.Tensor, batch_size: int, seed
                outputs_to_logits(model), x_train, batch_size, seed, clock=clock)
 
 
-def measure_preact_reuse(prog: lwcompile.Program, xb: torch.Tensor, repeats: int = 3) -> dict[str, float]:
-    """Seconds of one step's exact inner phase (all blocks, median of ``repeats``) recomputing Z = XWᵀ inside
-    the solve ("off", what the runtimes run) and reusing the forward pass's pre-activation â ("on")."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from lwcompile.passes.exact_solver import make_exact_fn
-
-    res = prog.compute_targets(xb, xb)
-    jobs = prog.inner_jobs(res["inputs"], res["targets"])
-    on, off = [], []
-    with torch.no_grad():
-        for b in prog.blocks:
-            gm, args = jobs[b.name]
-            W, bias = args[0], args[1] if b.bias is not None else None
-            a_hat = torch.nn.functional.linear(res["inputs"][b.name], W, bias)
-            args_on = (*args[:-1], a_hat)
-            gm_on = make_fx(make_exact_fn(b, prog.config, preact_given=True))(*args_on)
-            for fn, a, acc in ((gm, args, off), (gm_on, args_on, on)):
-                fn(*a)
-                ts = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn(*a)
-                    ts.append(time.perf_counter() - t0)
-                acc.append(_median(ts))
-    return {"off_s": sum(off), "on_s": sum(on)}
-
-
 # ---------------------------------------------------------------- the benchmark
 def run_benchmark(x_train: torch.Tensor, x_eval: torch.Tensor, sizes: Sequence[int], batch_size: int,
                   methods: Sequence[str], targets: Sequence[float], budget_s: float, grid: dict[str, Sequence[float]],
                   grid_s: float, eval_every: float, seed: int = 0, log: Callable[[str], None] = print,
-                  method_budget: dict[str, float] | None = None, deadline_s: float = math.inf) -> dict[str, Any]:
+                  method_budget: dict[str, float] | None = None, deadline_s: float = math.inf,
+                  lever_steps: int = 0) -> dict[str, Any]:
     t_start = time.perf_counter()
     res: dict[str, Any] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                            "sizes": list(sizes), "batch_size": batch_size, "seed": seed, "targets": list(targets),
@@ -289,12 +263,15 @@ def run_benchmark(x_train: torch.Tensor, x_eval: torch.Tensor, sizes: Sequence[i
                 continue
         else:
             run = make_lwcompile(m, RECIPES[m], sizes, x_train, batch_size, seed)
-            if m == "best" and run.program.config.inner_optimizer == "exact":
-                res["preact_reuse"] = measure_preact_reuse(run.program, x_train[:batch_size])
         run.train(x_eval, budget, stop, eval_every)
         run.budget_s = budget
         runs.append(run)
         log(f"{run.name} ({run.setting}): {run.steps} steps, {run.clock:.1f} s clocked, loss {run.evals[-1][2]:.2f}")
+    recipes = {m: RECIPES[m] for m in methods if m in RECIPES}
+    if lever_steps and recipes:
+        log("levers on/off (interleaved):")
+        res["levers"] = measure_levers(recipes, list(LEVERS), x_train, sizes, batch_size, lever_steps, seed, log)
+        res["lever_steps"] = lever_steps
     res["matmul_gflops"].append(matmul_gflops())
     rate = max(res["matmul_gflops"])
     res["runs"] = [r.record(targets, rate) for r in runs]
@@ -358,11 +335,9 @@ def format_markdown(res: dict[str, Any]) -> str:
     for k, v in res["goals"].items():
         lines.append(f"- {k}: " + (f"**{'' if v['bound'] == '=' else '< '}{v['value']:.2f}**" if v is not None
                                    else "not measurable (the first run did not reach it within its budget)"))
-    if "preact_reuse" in res:
-        pr = res["preact_reuse"]
-        lines += ["", f"Exact inner phase of one step, measured apart (median of 3, at init): {pr['off_s']:.3f} s "
-                  f"recomputing the pre-activation XWᵀ (what runs), {pr['on_s']:.3f} s reusing the forward pass's â "
-                  f"(not wired: the inner-graph signature has no slot for â); saving {1 - pr['on_s'] / pr['off_s']:.0%}."]
+    if res.get("levers"):
+        lines += ["", "## Levers on and off (same mathematics; `python benchmarks/levers.py`)", ""]
+        lines += format_levers(res["levers"], res["lever_steps"])
     lines += ["", "Compile (tracing) time, off the clock: " + ", ".join(
         f"{r['name']} {r['compile_s']:.1f} s" for r in res["runs"] if r.get("compile_s")) + "."]
     if res["grid"]:
@@ -411,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n-eval", type=int, default=10_000, help="fixed training images the loss is evaluated on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--lever-steps", type=int, default=None,
+                   help="steps per side of each lever's on/off measurement, 0 = none (default 8; quick 2)")
     p.add_argument("--quick", action="store_true", help="scikit-learn digits, short budgets: < 1 minute")
     a = p.parse_args(argv)
     if a.threads:
@@ -431,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     eval_every = a.eval_every if a.eval_every is not None else (0.2 if a.quick else 2.0)
     res = run_benchmark(x_train, x_eval, sizes, batch_size, methods, targets, budget, QUICK_GRID if a.quick else GRID,
                         grid_s, eval_every, seed=a.seed, deadline_s=a.deadline_s,
+                        lever_steps=a.lever_steps if a.lever_steps is not None else (2 if a.quick else 8),
                         method_budget={k: float(v) for k, v in (kv.split("=") for kv in a.method_budget.split(",") if kv)})
     res |= {"data": name, "n_train": int(x_train.shape[0])}
     a.out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 FORMAT = "lwcompile.Program.state_dict/1"
 # Config fields that change no number a step computes: a checkpoint may be resumed with other values.
-_FREE_FIELDS = ("check_finite", "frontend")
+_FREE_FIELDS = ("check_finite", "frontend", "reuse_preactivation")
 
 
 def fingerprint(prog: Program) -> dict[str, Any]:

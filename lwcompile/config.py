@@ -90,6 +90,11 @@ class Config:
       and falls back to ``torch.export`` when it fails or its graph does not reproduce the model.
     - ``check_finite`` (bool, default True): refuse a step whose loss, targets, gradients or new values hold a NaN
       or inf (:class:`~lwcompile.NonFiniteError`, the model unchanged); False skips those checks.
+    - ``reuse_preactivation`` (bool, default True): hand each block's inner graph the pre-activation â = op(x; W, b)
+      the forward pass already computed, as its first iteration's (or the exact solve's) z, instead of computing
+      it again: one fewer matmul per block and step, the same numbers (the same op on the same values). It keeps
+      â alive until the block's update (one activation-sized tensor per block). Runs that cannot pass â along (the
+      distributed runtime, exported ONNX programs) use the graphs without it.
 
     The inner learning rate's schedule over training (positions count ``Program.step`` calls, i.e. the program's
     ``step_count``; not the T inner iterations, which ``inner_lr_decay`` shapes). The next step's inner lr is
@@ -143,6 +148,7 @@ class Config:
     skip: tuple[str, ...] = ()
     frontend: str = "auto"
     check_finite: bool = True
+    reuse_preactivation: bool = True
     inner_lr_warmup_steps: int = 0
     inner_lr_warmup_start: float = 0.0
     inner_lr_anneal: str = "none"
@@ -196,6 +202,8 @@ class Config:
                                   r"skip=(r'^head\.', 'Embedding').") from e
         if isinstance(self.outer_options, dict):
             object.__setattr__(self, "outer_options", tuple(sorted(self.outer_options.items())))
+        if not isinstance(self.reuse_preactivation, bool):
+            raise ConfigError(f"Config.reuse_preactivation={self.reuse_preactivation!r}: must be True or False.")
         _check_schedule(self)
 
     def optimizer_options(self) -> dict[str, Any]:

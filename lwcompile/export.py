@@ -86,7 +86,7 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
     check_out_dir(out_dir, overwrite)  # refuse before building graphs (slow, and it changes prog); rechecked later
     inputs, labels = export_examples(prog, example_labels)
     tg = prog.build_target_graph(labels, inputs)  # checks the labels; gives the signature and example batch
-    sig = prog.target_signature
+    sig = prog.target_signature  # with Config.reuse_preactivation it returns each â, which the inner graphs take
     where = _device_map(devices, [b.name for b in prog.blocks])
     batch = _batch_sizes(tg, sig)
     dyn_tg, tex = dynamic_target_graph(prog, sig, inputs, labels, tg)
@@ -97,8 +97,8 @@ def export_program(prog, out_dir: str, devices: Any = None, training: bool = Tru
     cfg = prog.config
     art_opt, art_opts, mode = artifact_optimizer(cfg, optimizer)
     for b in prog.blocks:
-        ins, outs = prog.inner_signature(b.name).names()
-        gm, ex = dynamic_inner_graph(prog, b, shapes[b.name])
+        ins, outs = prog.inner_signature(b.name, preact=sig.preacts).names()
+        gm, ex = dynamic_inner_graph(prog, b, shapes[b.name], preact=sig.preacts)
         graphs.append(GraphExport(f"inner/{b.name}", gm, ex, ins, outs, block=b.name, device=where.get(b.name),
                                   kind="inner", file=_inner_file(b.name)))
         if not training:
@@ -225,16 +225,21 @@ def block_shapes(static: torch.fx.GraphModule, dynamic: torch.fx.GraphModule, si
             for b in sig.blocks}
 
 
-def dynamic_inner_graph(prog, block, shapes) -> tuple[torch.fx.GraphModule, tuple]:
+def dynamic_inner_graph(prog, block, shapes, preact: bool = False) -> tuple[torch.fx.GraphModule, tuple]:
     """Block ``block``'s inner-update graph traced with a symbolic batch: ``shapes`` (from :func:`block_shapes`)
-    give x's and the target's example shapes and which of their dimensions follow the batch."""
+    give x's and the target's example shapes and which of their dimensions follow the batch; ``preact``: the
+    variant that takes the forward pass's pre-activation (shaped like the target, after ``lr``)."""
     (x_shape, x_dyn), (t_shape, t_dyn) = shapes
     dtype = _value(prog, block.weight).dtype
-    example = list(inner_example(block, prog.config, x_shape[0], dtype=dtype))
+    example = list(inner_example(block, prog.config, x_shape[0], dtype=dtype, preact=preact))
     n = len(prog.inner_signature(block.name).params)  # x and target follow the parameters
     example[n:n + 2] = torch.zeros(x_shape, dtype=dtype), torch.zeros(t_shape, dtype=dtype)
-    ex = symbolic_examples(example, [x_dyn if i == n else t_dyn if i == n + 1 else () for i in range(len(example))])
-    gm = build_inner_graph(block, prog.config, ex.tensors)
+    dyn = {n: x_dyn, n + 1: t_dyn}
+    if preact:
+        example[n + 3] = torch.zeros(t_shape, dtype=dtype)
+        dyn[n + 3] = t_dyn
+    ex = symbolic_examples(example, [dyn.get(i, ()) for i in range(len(example))])
+    gm = build_inner_graph(block, prog.config, ex.tensors, preact=preact)
     check_batch_dynamic(ex, f"inner/{block.name}")
     return gm, ex.tensors
 
@@ -314,7 +319,7 @@ def program_manifest(prog, devices: Mapping[str, str], batch: Mapping[str, int],
     ins = sig.input_names
     blocks = []
     for b in prog.blocks:
-        i_names, o_names = prog.inner_signature(b.name).names()
+        i_names, o_names = prog.inner_signature(b.name, preact=sig.preacts).names()
         state = [n for n in i_names if n.startswith("state")]
         blocks.append({"name": b.name, "op": b.op, "transfer": b.transfer, "weight": b.weight, "bias": b.bias,
                        "params": list(b.params), "file": _inner_file(b.name), "inputs": i_names, "outputs": o_names,
@@ -333,7 +338,8 @@ def program_manifest(prog, devices: Mapping[str, str], batch: Mapping[str, int],
                    "inputs": ins[n_p + n_b:n_p + n_b + sig.n_inputs], "labels": ins[n_p + n_b + sig.n_inputs:],
                    "loss": "loss", "block_inputs": {b: f"block_input:{b}" for b in sig.blocks},
                    "targets": {b: f"target:{b}" for b in sig.blocks},
-                   "grads": {p: f"grad:{p}" for p in sig.nonblock}},
+                   "grads": {p: f"grad:{p}" for p in sig.nonblock},
+                   "preacts": {b: f"preact:{b}" for b in sig.blocks} if sig.preacts else {}},
         "params": list(sig.params), "buffers": list(sig.buffers), "nonblock": list(sig.nonblock),
         "blocks": blocks, "params_file": "params.npz", "buffers_file": "buffers.npz",
     }

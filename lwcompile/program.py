@@ -6,6 +6,7 @@ methods below (``compute_targets``, ``inner_jobs``, ``commit``, ``check_guards``
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -170,7 +171,7 @@ class Program(ProgramTools):
     def _signature(self, n_inputs: int, n_labels: int) -> TargetSignature:
         c = self._compiled
         return TargetSignature(c.param_names, c.buffer_names, n_inputs, n_labels,
-                               tuple(b.name for b in self.blocks), self.nonblock)
+                               tuple(b.name for b in self.blocks), self.nonblock, self.config.reuse_preactivation)
 
     def _target_for(self, inputs: tuple, labels: tuple) -> tuple[fx.GraphModule, TargetSignature]:
         key = (_key(inputs), _key(labels))
@@ -211,27 +212,36 @@ class Program(ProgramTools):
         return self._target_for(inputs, as_tuple(example_labels))[0]
 
     def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None,
-                    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> fx.GraphModule:
+                    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+                    preact: bool | None = None) -> fx.GraphModule:
         """The inner-update GraphModule of block ``name`` for a batch size (default: the example's) and dtype
-        (default: the block weight's); ``shapes`` = (input shape, target shape) overrides the batch size."""
+        (default: the block weight's); ``shapes`` = (input shape, target shape) overrides the batch size.
+        ``preact``: whether the graph also takes the forward pass's pre-activation (see :meth:`inner_signature`);
+        default ``Config.reuse_preactivation``, i.e. the graph ``step`` runs."""
+        preact = self.config.reuse_preactivation if preact is None else preact
         block = self._block(name)
         b = block.input_shape[0] if batch is None else batch
         dtype = self._param(block.weight).dtype if dtype is None else dtype
         xs, ts = shapes if shapes is not None else ((b, *block.input_shape[1:]), (b, *block.output_shape[1:]))
-        key = (name, tuple(xs), tuple(ts), dtype)
+        key = (name, tuple(xs), tuple(ts), dtype, preact)
         if key not in self._inner_cache:
-            example = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts))
-            self._inner_cache[key] = build_inner_graph(block, self.config, example)
+            example = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts),
+                                    preact=preact)
+            self._inner_cache[key] = build_inner_graph(block, self.config, example, preact=preact)
         return self._inner_cache[key]
 
     @property
     def inner_graphs(self) -> Mapping[str, fx.GraphModule]:
-        """Block name -> inner-update GraphModule: (weights, x, target, lr, optimizer state) -> (new weights, state)."""
+        """Block name -> inner-update GraphModule: (weights, x, target, lr, [â,] optimizer state) -> (new weights,
+        state), the graphs ``step`` runs (â with ``Config.reuse_preactivation``)."""
         return {b.name: self.inner_graph(b.name) for b in self.blocks}
 
-    def inner_signature(self, name: str) -> InnerSignature:
-        """Block ``name``'s inner graph signature (inputs and outputs by name)."""
-        return self._inner_sigs[self._block(name).name]
+    def inner_signature(self, name: str, preact: bool | None = None) -> InnerSignature:
+        """Block ``name``'s inner graph signature (inputs and outputs by name); ``preact`` (default
+        ``Config.reuse_preactivation``): the variant that takes the pre-activation â after ``lr``."""
+        preact = self.config.reuse_preactivation if preact is None else preact
+        sig = self._inner_sigs[self._block(name).name]
+        return dataclasses.replace(sig, preact=True) if preact else sig
 
     def _block(self, name: str) -> Block:
         for b in (b for b in self.blocks if b.name == name):
@@ -258,21 +268,30 @@ class Program(ProgramTools):
                     "loss function expects (e.g. F.cross_entropy takes int64 class indices), and that the batch "
                     "is on the model's device.") from e
         res = sig.unpack(outs)
-        return {"loss": res.loss, "inputs": dict(res.inputs), "targets": dict(res.targets), "grads": dict(res.grads)}
+        return {"loss": res.loss, "inputs": dict(res.inputs), "targets": dict(res.targets), "grads": dict(res.grads),
+                "preacts": dict(res.preacts)}
 
     def inner_jobs(self, inputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
-                   names: Sequence[str] | None = None) -> dict:
-        """Block name -> (inner graph, its arguments) for one step (only the blocks in ``names``, when given)."""
+                   names: Sequence[str] | None = None,
+                   preacts: Mapping[str, torch.Tensor] | None = None) -> dict:
+        """Block name -> (inner graph, its arguments) for one step (only the blocks in ``names``, when given).
+        A block whose pre-activation is in ``preacts`` (``compute_targets(...)["preacts"]``) gets the graph that
+        reuses it instead of recomputing it."""
         jobs = {}
         for b in self.blocks:
             if names is not None and b.name not in names:
                 continue
             x = inputs[b.name].contiguous()  # the inner graphs are traced for contiguous inputs
+            t = targets[b.name].contiguous()
+            z = (preacts or {}).get(b.name)
+            if z is not None and (z.shape != t.shape or z.dtype != t.dtype):
+                z = None  # not the graph's input layout: recompute it rather than guess
+            z = z.contiguous() if z is not None else None
             lr = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
-            args = self.inner_signature(b.name).pack([self._param(p).detach() for p in b.params], x,
-                                                     targets[b.name].contiguous(), lr, self._inner_state[b.name])
-            shapes = (tuple(x.shape), tuple(targets[b.name].shape))
-            jobs[b.name] = (self.inner_graph(b.name, dtype=x.dtype, shapes=shapes), args)
+            sig = self.inner_signature(b.name, preact=z is not None)
+            args = sig.pack([self._param(p).detach() for p in b.params], x, t, lr, self._inner_state[b.name], z)
+            shapes = (tuple(x.shape), tuple(t.shape))
+            jobs[b.name] = (self.inner_graph(b.name, dtype=x.dtype, shapes=shapes, preact=z is not None), args)
         return jobs
 
     def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None,
@@ -298,7 +317,7 @@ class Program(ProgramTools):
             for name, g in res["grads"].items():
                 self._check_finite(f"the gradient of non-block parameter {name!r}", g)
             t1 = time.perf_counter()
-            jobs = self.inner_jobs(res["inputs"], res["targets"])
+            jobs = self.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"])
             outs = runner.run_jobs(jobs) if runner is not None else run_jobs(jobs, assignment)
             t2 = time.perf_counter()
             self.commit(outs, res["grads"])
@@ -364,7 +383,11 @@ class Program(ProgramTools):
                                   "converted model again.")
 
     def _check_finite(self, what: str, t: torch.Tensor) -> None:
-        if self.config.check_finite and not bool(torch.isfinite(t).all()):
+        # a NaN/inf anywhere makes the sum non-finite, so one summing pass settles the usual case; only a
+        # non-finite sum (a bad value, or finite values overflowing) needs the elementwise check (4 passes)
+        if not self.config.check_finite or (t.is_floating_point() and bool(torch.isfinite(t.sum()))):
+            return
+        if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise NonFiniteError(f"{what} has {bad} NaN/inf value(s); the model was left unchanged. Lower "
                                  "Config.gamma or the learning rates, or check the inputs and the loss.")

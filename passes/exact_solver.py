@@ -130,11 +130,10 @@ def check_exact(block: Block, config: Config, batch: int | None = None) -> None:
 
 # ---------------------------------------------------------------- the inner function
 def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """``(W, [b], x, target, lr) -> (W', [b'])``: the exact minimizer of the block's local problem.
+    """``(W, [b], x, target, lr[, â]) -> (W', [b'])``: the exact minimizer of the block's local problem.
 
-    ``preact_given=True`` makes the last input the forward pass's pre-activation â = op(x; W, b) instead of ``lr``,
-    saving the recomputation of Z = XWᵀ (2·rows·D·O FLOPs, about a quarter of the solve). The runtimes do not hand
-    â to inner graphs (the signature has no slot for it); the benchmark uses this to measure what reusing it saves.
+    ``preact_given=True`` adds the forward pass's pre-activation â = op(x; W, b) as the last input, saving the
+    recomputation of Z = XWᵀ (2·rows·D·O FLOPs, about a quarter of the solve; ``Config.reuse_preactivation``).
     """
     check_exact(block, config)
     attrs = dict(block.attrs)
@@ -150,7 +149,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
         x, target = flat[1 + has_bias], flat[2 + has_bias]
         X, A, groups = _design(op, attrs, x, target, W)
         if preact_given:
-            Z = _out_rows(op, flat[3 + has_bias], groups)
+            Z = _out_rows(op, flat[4 + has_bias], groups)
         else:
             Z = X @ _weight_cols(op, W, groups)  # the current pre-activation, (G, rows, O)
             if b is not None:
@@ -202,18 +201,25 @@ def _weight_from_cols(op: str, W: torch.Tensor, dW: torch.Tensor) -> torch.Tenso
 
 def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: float,
            name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + 1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²)."""
+    """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + 1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²).
+
+    With a bias the normal equations are [[XᵀX + λI, s], [sᵀ, n]] [ΔW; Δbᵀ] = [XᵀR; 1ᵀR] (s = Xᵀ1, n = rows + λ).
+    Eliminating Δb first leaves the Schur complement XᵀX + λI − s sᵀ/n (positive definite when the whole system
+    is: the Gram matrix of the centred X when λ = 0) and Δb = (1ᵀR − sᵀΔW)/n: one rank-one update of the D×D
+    matrix instead of copying it into a (D+1)×(D+1) one.
+    """
     g, rows, d = X.shape
     if not fit_w:  # only the bias moves: a mean, shrunk by λ
         return None, (R.sum(1) / (rows + prox) if fit_b else None)
     Xt = X.transpose(1, 2)
     gram, rhs = Xt @ X, Xt @ R
-    if fit_b:  # the ones column, without copying X: [[XᵀX, Xᵀ1], [1ᵀX, rows]]
-        s = X.sum(1).unsqueeze(2)
-        n = torch.full((g, 1, 1), float(rows), dtype=X.dtype, device=X.device)
-        gram = torch.cat([torch.cat([gram, s], 2), torch.cat([s.transpose(1, 2), n], 2)], 1)
-        rhs = torch.cat([rhs, R.sum(1, keepdim=True)], 1)
     if prox > 0:
-        gram = gram + prox * torch.eye(gram.shape[-1], dtype=X.dtype, device=X.device)
-    sol = torch.ops.lwcompile.spd_solve(gram, rhs, name, prox)
-    return sol[:, :d], (sol[:, d] if fit_b else None)
+        gram = gram + prox * torch.eye(d, dtype=X.dtype, device=X.device)
+    if fit_b:
+        n = rows + prox
+        s, rb = X.sum(1, keepdim=True), R.sum(1, keepdim=True)  # (G, 1, D), (G, 1, O)
+        gram = torch.baddbmm(gram, s.transpose(1, 2), s, alpha=-1.0 / n)
+        rhs = torch.baddbmm(rhs, s.transpose(1, 2), rb, alpha=-1.0 / n)
+    dW = torch.ops.lwcompile.spd_solve(gram, rhs, name, prox)
+    db = ((rb - s @ dW) / (rows + prox)).squeeze(1) if fit_b else None
+    return dW, db

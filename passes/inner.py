@@ -38,9 +38,11 @@ def inner_lr_factor(k: int, steps: int, decay: bool) -> float:
     return max(1.0 - k / steps, 0.25) if decay else 1.0
 
 
-def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Tensor, ...]]:
+def make_inner_fn(block: Block, config: Config, preact: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The pure function the inner graph is traced from; ``preact=True`` takes â = op(x; W, b) after ``lr`` and
+    uses it as the first iteration's z (the forward pass computed it with the same op on the same values)."""
     if config.inner_optimizer == EXACT:  # one closed-form solve instead of T iterations
-        return make_exact_fn(block, config)
+        return make_exact_fn(block, config, preact_given=preact)
     op = LINEAR_OPS[block.op]
     attrs, kw = dict(block.attrs), dict(block.transfer_kwargs)
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
@@ -51,10 +53,11 @@ def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Ten
     def inner_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         anchor = tuple(flat[:n])
         x, target, lr = flat[n], flat[n + 1], flat[n + 2]
-        state = tuple(flat[n + 3:])
+        z0 = flat[n + 3] if preact else None
+        state = tuple(flat[n + 3 + preact:])
         params = anchor
         for k in range(config.steps):
-            z = op.apply(x, params[0], params[1] if has_bias else None, attrs)
+            z = z0 if k == 0 and preact else op.apply(x, params[0], params[1] if has_bias else None, attrs)
             r = residual(config.local_loss, block.transfer, kw, z, target)
             dW, db = op.weight_grad(x, r, block.weight_shape, attrs, has_bias)
             grads = (dW, db) if has_bias else (dW,)
@@ -71,10 +74,11 @@ def make_inner_fn(block: Block, config: Config) -> Callable[..., tuple[torch.Ten
 
 def inner_example(block: Block, config: Config, batch: int | None = None,
                   dtype: torch.dtype = torch.float32, x_shape: tuple[int, ...] | None = None,
-                  target_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
+                  target_shape: tuple[int, ...] | None = None, preact: bool = False) -> tuple[torch.Tensor, ...]:
     """Zero tensors with the shapes of the inner graph's inputs (for tracing and export). ``x_shape`` and
     ``target_shape`` override the block's input and target shapes (a batch that is not the first axis, as in an
-    attention projection's (sequence, batch, features) input, changes more than ``batch``)."""
+    attention projection's (sequence, batch, features) input, changes more than ``batch``); ``preact`` adds the
+    pre-activation input (shaped like the target: transfer functions keep the shape)."""
     b = block.input_shape[0] if batch is None else batch
     params = [torch.zeros(block.weight_shape, dtype=dtype)]
     if block.bias_shape is not None:
@@ -85,21 +89,24 @@ def inner_example(block: Block, config: Config, batch: int | None = None,
     state = tuple(s.clone() for s in opt.init(tuple(params)))
     x = torch.zeros(x_shape if x_shape is not None else (b, *block.input_shape[1:]), dtype=dtype)
     t = torch.zeros(target_shape if target_shape is not None else (b, *block.output_shape[1:]), dtype=dtype)
-    return (*params, x, t, torch.tensor(config.inner_lr, dtype=dtype), *state)
+    z = (torch.zeros_like(t),) if preact else ()
+    return (*params, x, t, torch.tensor(config.inner_lr, dtype=dtype), *z, *state)
 
 
-def build_inner_graph(block: Block, config: Config, example: tuple[torch.Tensor, ...] | None = None) -> fx.GraphModule:
-    """The block's inner-update GraphModule, traced for the shapes of ``example`` (default: the block's)."""
-    example = inner_example(block, config) if example is None else example
-    gm = make_fx(make_inner_fn(block, config), tracing_mode="fake")(*example)
+def build_inner_graph(block: Block, config: Config, example: tuple[torch.Tensor, ...] | None = None,
+                      preact: bool = False) -> fx.GraphModule:
+    """The block's inner-update GraphModule, traced for the shapes of ``example`` (default: the block's);
+    ``preact=True``: the graph that takes the forward pass's pre-activation (see :func:`make_inner_fn`)."""
+    example = inner_example(block, config, preact=preact) if example is None else example
+    gm = make_fx(make_inner_fn(block, config, preact), tracing_mode="fake")(*example)
     gm.recompile()
     return gm
 
 
-def inner_signature(block: Block, config: Config) -> InnerSignature:
+def inner_signature(block: Block, config: Config, preact: bool = False) -> InnerSignature:
     """The inner graph's signature: its inputs and outputs by name."""
     if config.inner_optimizer == EXACT:  # computed at compile time: refuse blocks it cannot solve exactly here
         check_exact(block, config)
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
     params = ("weight", "bias") if block.bias is not None else ("weight",)
-    return InnerSignature(params, len(opt.init(tuple(torch.zeros(1) for _ in params))))
+    return InnerSignature(params, len(opt.init(tuple(torch.zeros(1) for _ in params))), preact)

@@ -15,7 +15,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -31,11 +31,14 @@ class TargetOutputs:
     inputs: Mapping[str, torch.Tensor]  # block name -> its input x
     targets: Mapping[str, torch.Tensor]  # block name -> its target (METHOD.md step 3)
     grads: Mapping[str, torch.Tensor]  # non-block parameter -> ∂L/∂p (its uses outside blocks)
+    preacts: Mapping[str, torch.Tensor] = field(default_factory=dict)  # block name -> â = op(x; W, b), when returned
 
 
 @dataclass(frozen=True)
 class TargetSignature:
-    """The target graph: (params, buffers, inputs, labels) -> (loss, block inputs, block targets, non-block grads)."""
+    """The target graph: (params, buffers, inputs, labels) -> (loss, block inputs, block targets, non-block grads
+    [, block pre-activations]). ``preacts=True`` appends each block's pre-activation â, which the forward pass
+    computed anyway, so the inner graphs need not recompute it (``Config.reuse_preactivation``)."""
 
     params: tuple[str, ...]
     buffers: tuple[str, ...]
@@ -43,6 +46,7 @@ class TargetSignature:
     n_labels: int
     blocks: tuple[str, ...]
     nonblock: tuple[str, ...]
+    preacts: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -52,7 +56,7 @@ class TargetSignature:
     @property
     def output_names(self) -> list[str]:
         return (["loss"] + [f"block_input:{b}" for b in self.blocks] + [f"target:{b}" for b in self.blocks]
-                + [f"grad:{p}" for p in self.nonblock])
+                + [f"grad:{p}" for p in self.nonblock] + ([f"preact:{b}" for b in self.blocks] if self.preacts else []))
 
     def pack(self, params: Mapping[str, Any], buffers: Mapping[str, Any], inputs: Sequence[Any],
              labels: Sequence[Any]) -> list[Any]:
@@ -64,24 +68,30 @@ class TargetSignature:
 
     def unpack(self, outs: Sequence[Any]) -> TargetOutputs:
         """The graph's flat outputs as a :class:`TargetOutputs`."""
-        m = len(self.blocks)
-        if len(outs) != 1 + 2 * m + len(self.nonblock):
+        m, k = len(self.blocks), len(self.nonblock)
+        if len(outs) != len(self.output_names):
             raise ValueError(f"the target graph returned {len(outs)} values, its signature names "
-                             f"{1 + 2 * m + len(self.nonblock)}")
+                             f"{len(self.output_names)}")
         return TargetOutputs(outs[0], dict(zip(self.blocks, outs[1:1 + m])), dict(zip(self.blocks, outs[1 + m:1 + 2 * m])),
-                             dict(zip(self.nonblock, outs[1 + 2 * m:])))
+                             dict(zip(self.nonblock, outs[1 + 2 * m:1 + 2 * m + k])),
+                             dict(zip(self.blocks, outs[1 + 2 * m + k:])) if self.preacts else {})
 
 
 @dataclass(frozen=True)
 class InnerSignature:
-    """A block's inner-update graph: (params, x, target, lr, *state) -> (new params, *new state)."""
+    """A block's inner-update graph: (params, x, target, lr, [preact], *state) -> (new params, *new state).
+
+    ``preact=True``: the graph also takes the forward pass's pre-activation â = op(x; W, b) and uses it as its
+    first iteration's (or the exact solve's) z instead of recomputing it."""
 
     params: tuple[str, ...]  # "weight"[, "bias"]
     n_state: int
+    preact: bool = False
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.params) + ["x", "target", "lr"] + [f"state{i}" for i in range(self.n_state)]
+        return (list(self.params) + ["x", "target", "lr"] + (["preact"] if self.preact else [])
+                + [f"state{i}" for i in range(self.n_state)])
 
     @property
     def output_names(self) -> list[str]:
@@ -91,11 +101,15 @@ class InnerSignature:
         """(input names, output names), the graph's and its ONNX file's."""
         return self.input_names, self.output_names
 
-    def pack(self, params: Sequence[Any], x: Any, target: Any, lr: Any, state: Sequence[Any]) -> list[Any]:
+    def pack(self, params: Sequence[Any], x: Any, target: Any, lr: Any, state: Sequence[Any],
+             preact: Any = None) -> list[Any]:
         if len(params) != len(self.params) or len(state) != self.n_state:
             raise ValueError(f"the inner graph takes {len(self.params)} parameter(s) and {self.n_state} state "
                              f"tensor(s), got {len(params)} and {len(state)}")
-        return [*params, x, target, lr, *state]
+        if (preact is not None) != self.preact:
+            raise ValueError("this inner graph takes the block's pre-activation" if self.preact else
+                             "this inner graph has no pre-activation input")
+        return [*params, x, target, lr, *([preact] if self.preact else []), *state]
 
     def unpack(self, outs: Sequence[Any]) -> tuple[tuple, tuple]:
         """(new parameter values, new optimizer state)."""

@@ -6,7 +6,7 @@ Two pure steps:
   ``apply_transfer`` calls so â survives for the backward.
 - ``build_target_graph(...)`` traces, with ``make_fx``, a function of (params, buffers, inputs, labels)
   that runs the tapped graph, the user's loss, ``torch.autograd.grad`` and the target formulas of
-  METHOD.md. Its outputs are (loss, x_1..x_M, target_1..target_M, grad of each non-block parameter).
+  METHOD.md. Its outputs are (loss, x_1..x_M, target_1..target_M, grad of each non-block parameter[, â_1..â_M]).
 
 Example:
     >>> import torch, lwcompile
@@ -199,14 +199,15 @@ def make_target_fn(tapped: fx.GraphModule, blocks: Sequence[Block], loss_fn: Cal
         for group, j in zip(uses, nonblock_idx):
             parts = [rest.pop(0) for _ in group]
             g_nonblock.append(_sum(parts) if parts else torch.zeros_like(flat[j]))
-        xs, targets = [], []
+        xs, targets, preacts = [], [], []
         for (xi, ai, yi), gp in zip(layout, g_pre):
             a_hat = tail[ai].detach()
             y_hat = tail[yi].detach() if yi is not None else a_hat
             g_y = g_post.pop(0) if yi is not None else gp
             xs.append(tail[xi].detach())
             targets.append(make_target(target, gamma, a_hat, y_hat, gp, g_y))
-        return (loss.detach(), *xs, *targets, *g_nonblock)
+            preacts.append(a_hat)
+        return (loss.detach(), *xs, *targets, *g_nonblock, *(preacts if sig.preacts else ()))
 
     return target_fn
 

@@ -159,6 +159,7 @@ class OrtProgram:
                 "inputs": {b: out[n] for b, n in t["block_inputs"].items()},
                 "targets": {b: out[n] for b, n in t["targets"].items()},
                 "grads": {p: out[n] for p, n in t["grads"].items()},
+                "preacts": {b: out[n] for b, n in t.get("preacts", {}).items()},
                 "buffers": {by_input[src]: out[o] for o, src in self._mutates.items() if src in by_input}}
 
     def step(self, x: Any, y: Any) -> float:
@@ -171,7 +172,7 @@ class OrtProgram:
         new_params, new_state = {}, {}
         for b in self.program["blocks"]:
             name = b["name"]
-            new = self._inner_loop(b, res["inputs"][name], res["targets"][name])
+            new = self._inner_loop(b, res["inputs"][name], res["targets"][name], res["preacts"].get(name))
             for p, v in zip(b["params"], new[:len(b["params"])]):
                 self._check(f"the new value of {p!r} (block {name!r})", v)
                 new_params[p] = v
@@ -184,7 +185,8 @@ class OrtProgram:
         self.step_count += 1
         return float(res["loss"])
 
-    def _inner_loop(self, b: Mapping[str, Any], x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _inner_loop(self, b: Mapping[str, Any], x: np.ndarray, target: np.ndarray,
+                    preact: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         name, start = b["name"], [self.params[p] for p in b["params"]]
         if name in self._training:
             blk = self._training[name]
@@ -195,7 +197,8 @@ class OrtProgram:
             return tuple(new[k].reshape(s.shape) for k, s in zip(blk.params, start))
         g = self._inner[name]
         lr = np.asarray(self.effective_inner_lr, np.float32)
-        vals = dict(zip(b["inputs"], [*start, x, target, lr, *self.inner_state[name]]))
+        z = [preact] if "preact" in b["inputs"] else []  # the forward pass's â, when the graph takes it
+        vals = dict(zip(b["inputs"], [*start, x, target, lr, *z, *self.inner_state[name]]))
         return g.run(**vals)
 
     @property

@@ -201,7 +201,7 @@ def test_handing_in_the_forward_pre_activation_gives_the_same_solution():
     a = z + torch.randn(z.shape, generator=g, dtype=D64)
     blk = _conv_block(2, 4, 6, 3, 2, 2, 1, 1, tuple(x.shape), tuple(z.shape))
     ref = make_exact_fn(blk, _cfg(0.5))(W0, b0, x, a, torch.tensor(0.0))
-    got = make_exact_fn(blk, _cfg(0.5), preact_given=True)(W0, b0, x, a, z)
+    got = make_exact_fn(blk, _cfg(0.5), preact_given=True)(W0, b0, x, a, torch.tensor(0.0), z)
     for r, o in zip(ref, got):
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 import lwcompile
 from lwcompile.config import LOCAL_LOSSES, PAIRS
+from lwcompile.passes.linear_ops import LINEAR_OPS
 from zoo import ZOO
 
 GAMMA = 0.7
@@ -173,17 +174,21 @@ def test_inner_graph_equals_T_gd_steps_by_autograd_on_the_local_loss(arch, loss)
 
     for block in prog.blocks:
         op, transfer = BLOCKS[arch][block.name]
-        gm = prog.inner_graph(block.name)
+        gm = prog.inner_graph(block.name, preact=False)
         assert "def forward" in gm.code
         params = [rand(shapes[p], 0.3) for p in block.params]
         x, t = rand(block.input_shape), rand(block.output_shape, 0.5)
         lr = torch.tensor(0.02, dtype=torch.float64)
         got = gm(*params, x, t, lr, *prog.inner_state[block.name])
+        # the variant a step runs takes the forward pass's pre-activation â = op(x; W, b) (computed eagerly here)
+        a_hat = LINEAR_OPS[block.op].apply(x, params[0], params[1] if block.bias else None, dict(block.attrs))
+        got_reusing = prog.inner_graph(block.name, preact=True)(*params, x, t, lr, a_hat, *prog.inner_state[block.name])
         expect = gd_by_autograd(op, transfer, loss, params, x, t, 0.02, steps=5, prox=0.3, decay=True)
-        assert len(got) == len(expect)  # plain GD keeps no state
-        for name, p0, a, e in zip(block.params, params, got, expect):
+        assert len(got) == len(expect) == len(got_reusing)  # plain GD keeps no state
+        for name, p0, a, r, e in zip(block.params, params, got, got_reusing, expect):
             assert (e - p0).abs().max() > 1e-3, f"{block.name}: {name} hardly moves; the check would be weak"
             torch.testing.assert_close(a, e, **TOL, msg=f"{block.name}: {name}")
+            torch.testing.assert_close(r, e, **TOL, msg=f"{block.name}: {name} (reusing â)")
 
 
 def test_inner_loop_state_persists_across_steps():
@@ -228,11 +233,12 @@ def test_inner_lr_is_a_graph_input_so_schedules_need_no_retrace():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     prog.step(x, y)
     res = prog.compute_targets(x, y)
-    before = {name: gm for name, (gm, _) in prog.inner_jobs(res["inputs"], res["targets"]).items()}
+    before = {name: gm for name, (gm, _) in prog.inner_jobs(res["inputs"], res["targets"],
+                                                              preacts=res["preacts"]).items()}
     assert before == dict(prog.inner_graphs)  # what a step runs are the published graphs
     prog.inner_lr = 0.5
     prog.step(x, y)
-    for name, (gm, args) in prog.inner_jobs(res["inputs"], res["targets"]).items():
+    for name, (gm, args) in prog.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"]).items():
         assert gm is before[name] and prog.inner_graph(name) is before[name], name  # the same graph objects
         assert float(args[prog.inner_signature(name).input_names.index("lr")]) == 0.5  # the new lr is an argument
     with pytest.raises(lwcompile.ConfigError):

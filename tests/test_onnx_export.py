@@ -361,7 +361,7 @@ def test_program_export_onnx(tmp_path):
                       {len(ins) - 1: lambda g, t: torch.randint(0, 3, t.shape, generator=g)})
     assert_matches(prog.target_graph, flat, str(tmp_path / "out" / "target.onnx"), ins, outs)
     b = prog.blocks[0]
-    iins, iouts = prog.inner_signature(b.name).names()
+    iins, iouts = prog.inner_signature(b.name).names()  # with â when Config.reuse_preactivation, like the files
     gm = prog.inner_graph(b.name)
     fresh = fresh_like(examples_from_meta(gm), 10, {i: (lambda g, t: torch.rand(t.shape, generator=g))
                                                     for i in range(iins.index("lr"), len(iins))})

@@ -125,9 +125,10 @@ def test_inner_graph_reads_each_optimizer_slot_from_its_own_input(opt, opts):
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     prog = lwcompile.transform(m, F.mse_loss, torch.randn(5, 3), steps=2, inner_optimizer=opt, **opts)
     b = prog.blocks[0]
-    gm = prog.inner_graph(b.name)
-    g = torch.Generator().manual_seed(0)
-    args = [torch.rand(t.shape, generator=g) + 0.1 for t in examples_from_meta(gm)]
-    want = make_inner_fn(b, prog.config)(*[t.clone() for t in args])  # eager: the function the graph is traced from
-    for got, ref in zip(gm(*args), want):
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    for preact in (False, True):  # the graph without and with the forward pass's pre-activation as an input
+        gm = prog.inner_graph(b.name, preact=preact)
+        g = torch.Generator().manual_seed(0)
+        args = [torch.rand(t.shape, generator=g) + 0.1 for t in examples_from_meta(gm)]
+        want = make_inner_fn(b, prog.config, preact)(*[t.clone() for t in args])  # eager: what the graph traced
+        for got, ref in zip(gm(*args), want):
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)

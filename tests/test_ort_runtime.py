@@ -150,10 +150,13 @@ def test_every_exported_graph_matches_torch_on_fresh_inputs(exported):
     shape = {k: tuple(v.meta["val"].shape) for k, v in zip(prog.target_signature.output_names, out_node.args[0])}
     for b in prog.blocks:  # (the batch need not be the first dimension: attention projections see (seq, batch, ·))
         iins, iouts = prog.inner_signature(b.name).names()
-        example = list(inner_example(b, prog.config, 1))
+        reuse = "preact" in iins  # the exported graphs take â as the program's do (Config.reuse_preactivation)
+        example = list(inner_example(b, prog.config, 1, preact=reuse))
         k = iins.index("x")
         example[k:k + 2] = [torch.zeros(shape[f"block_input:{b.name}"]), torch.zeros(shape[f"target:{b.name}"])]
-        gm = build_inner_graph(b, prog.config, tuple(example))
+        if reuse:
+            example[iins.index("preact")] = torch.zeros(shape[f"target:{b.name}"])
+        gm = build_inner_graph(b, prog.config, tuple(example), preact=reuse)
         fix = {iins.index("lr"): lambda g, t: torch.tensor(1e-2)}
         fix |= {i: (lambda g, t: torch.rand(t.shape, generator=g) + 0.1)
                 for i, n in enumerate(iins) if n.startswith("state")}

@@ -97,3 +97,19 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_it_and_goals_are_the
     elif by["best"][hi]:  # adam never got there: the ratio is an upper bound, against adam's whole clock
         assert res["goals"][key] == {"value": pytest.approx(by["best"][hi]["s"] / by["adam"]["clock_s"]), "bound": "<"}
     assert all(v is None or (math.isfinite(v["value"]) and v["value"] > 0) for v in res["goals"].values())
+
+
+def test_each_lever_is_measured_on_and_off_without_changing_the_weights(quick):
+    """The levers' on/off rows: every recipe × lever, times positive, and the weights after the interleaved steps
+    equal (bitwise for the iterative recipes, whose reused â is the same op on the same values; to rounding for the
+    exact solve, which forms Z = XWᵀ + b itself)."""
+    bench, res, out = quick
+    rows = res["levers"]
+    recipes = {r["recipe"] for r in rows}
+    assert recipes == set(bench.RECIPES) and {r["lever"] for r in rows} == set(bench.LEVERS)
+    for r in rows:
+        assert r["on_step_s"] > 0 and r["off_step_s"] > 0 and r["on_inner_s"] > 0
+        assert math.isclose(r["step_ratio"], r["on_step_s"] / r["off_step_s"])
+        if r["lever"] == "reuse_preactivation":
+            assert r["max_rel_diff"] <= (1e-4 if bench.RECIPES[r["recipe"]].inner_optimizer == "exact" else 0.0)
+    assert "## Levers on and off" in (out / "results.md").read_text()
