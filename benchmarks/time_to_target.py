@@ -177,10 +177,13 @@ def make_backprop(kind: str, lr: float, sizes: Sequence[int], x_train: torch.Ten
 
 
 def inner_flops_per_step(prog: lwcompile.Program, batch_size: int) -> int:
-    """FLOPs of one step's inner phase: T iterations, or one exact solve per block (runtime/costs.py)."""
+    """FLOPs of one step's inner phase: T iterations, or one exact solve per block (runtime/costs.py), less the
+    first pre-activation (one forward of the block) when ``Config.reuse_preactivation`` hands it in."""
+    reuse = prog.config.reuse_preactivation
     if prog.config.inner_optimizer == "exact":
-        return sum(exact_flops(b, batch_size) for b in prog.blocks)
-    return sum(b.inner_flops(prog.config.steps, batch_size) for b in prog.blocks)
+        return sum(exact_flops(b, batch_size, preact_given=reuse) for b in prog.blocks)
+    total = sum(b.inner_flops(prog.config.steps, batch_size) for b in prog.blocks)
+    return total - (sum(b.flops_per_example * batch_size for b in prog.blocks) if reuse else 0)
 
 
 def make_lwcompile(name: str, cfg: lwcompile.Config, sizes: Sequence[int], x_train: torch.Tensor, batch_size: int,

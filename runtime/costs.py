@@ -125,9 +125,10 @@ def exact_problem(block: Block, batch: int | None = None) -> tuple[int, int, int
             int(block.weight_shape[0]) // groups)
 
 
-def exact_flops(block: Block, batch: int | None = None) -> int:
-    """FLOPs of one exact inner solve: Gram XᵀX, current pre-activation XWᵀ, right-hand side XᵀR, Cholesky
-    (D³/3) and its two triangular solves, summed over groups.
+def exact_flops(block: Block, batch: int | None = None, preact_given: bool = False) -> int:
+    """FLOPs of one exact inner solve: Gram XᵀX, current pre-activation XWᵀ (not with ``preact_given``: the
+    forward pass's is handed in), right-hand side XᵀR, Cholesky (D³/3) and its two triangular solves, summed
+    over groups.
 
     Example:
         >>> from lwcompile.ir import Block
@@ -136,7 +137,8 @@ def exact_flops(block: Block, batch: int | None = None) -> int:
         1194
     """
     groups, rows, d, out = exact_problem(block, batch)
-    return groups * (2 * rows * d * d + 2 * (2 * rows * d * out) + d ** 3 // 3 + 2 * d * d * out)
+    products = 1 if preact_given else 2  # XᵀR, and XWᵀ unless given
+    return groups * (2 * rows * d * d + products * (2 * rows * d * out) + d ** 3 // 3 + 2 * d * d * out)
 
 
 def block_costs(

@@ -75,7 +75,8 @@ def test_best_recipe_gflops_is_the_closed_form_flop_count_over_the_inner_time(qu
     flops = 0
     for d_in, out in zip(sizes[:-1], sizes[1:]):
         D = d_in + 1  # weights and bias, one Gram matrix per layer
-        flops += 2 * B * D * D + 2 * (2 * B * D * out) + D ** 3 // 3 + 2 * D * D * out
+        # Gram XᵀX, right-hand side XᵀR, Cholesky, two triangular solves; Z = XWᵀ + b is the forward pass's â
+        flops += 2 * B * D * D + 2 * B * D * out + D ** 3 // 3 + 2 * D * D * out
     assert best["gflops"] * best["median_inner_s"] * 1e9 == pytest.approx(flops, rel=1e-9)
     assert best["pct_of_matmul"] == pytest.approx(100 * best["gflops"] / max(res["matmul_gflops"]), rel=1e-9)
 
