@@ -98,7 +98,8 @@ class Config:
     - ``compile_inner`` (bool, default False): run each block's inner graph compiled by ``torch.compile`` (inductor,
       once per shape, at its first step), which fuses the optimizer's element-wise updates. Same mathematics,
       float rounding may differ slightly from eager's. A block whose graph fails to compile runs eagerly, warned
-      once (:mod:`lwcompile.runtime.compiled`). The first step pays the compile time (seconds per block).
+      once (:mod:`lwcompile.runtime.compiled`). The first step pays the compile time (seconds per block). Not part
+      of a checkpoint's fingerprint: a run may resume with the other value (bit-identical only with the same one).
 
     The inner learning rate's schedule over training (positions count ``Program.step`` calls, i.e. the program's
     ``step_count``; not the T inner iterations, which ``inner_lr_decay`` shapes). The next step's inner lr is

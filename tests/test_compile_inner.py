@@ -82,6 +82,22 @@ def test_compiled_T1_gd_is_sgd_in_float64():
         torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12, msg=n)
 
 
+def test_blocks_compiled_in_device_threads_equal_eager():
+    model, x, y = _mlp(blocks=2)
+    eager_model = copy.deepcopy(model)
+    cfg = lwcompile.Config(steps=1, inner_optimizer="gd", gamma=1.0, inner_lr=1e-2)
+    prog = lwcompile.transform(model, nn.functional.mse_loss, (x,), cfg.replace(compile_inner=True))
+    devices = {"sim:0": [prog.blocks[0].name], "sim:1": [prog.blocks[1].name]}  # one thread per block
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        losses = [prog.step(x, y, assignment=devices) for _ in range(2)]
+    assert not _fallback_warnings(record)
+    _, eager_losses = _train(eager_model, x, y, cfg)
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    for (n, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+
+
 def _raising_backend(gm, example_inputs):
     raise RuntimeError("no compiler here\nsecond line")
 
