@@ -13,6 +13,8 @@ at clock times spaced by max(``--eval-every``, 5% of the elapsed time). Methods:
 * ``best``: lwcompile with the best recipe found (``RECIPES["best"]``: LocoProp-S with the exact inner solve).
 * ``paper-M``: LocoProp-M with the paper's T = 10, γ = 10, inner lr 1e-5 (``RECIPES["paper-M"]``; no schedule),
   the settings the peer also uses: its step time against the peer's is the per-step cost comparison.
+* ``defaults+compile``, ``paper-M+compile``: the same with ``compile_inner=True`` (the inner graphs compiled by
+  ``torch.compile``; compiled off the clock). Not run unless named in ``--methods``.
 
 ``--method-budget defaults=60`` gives one method its own budget; ``--deadline-s`` skips, with a note, the methods
 that would start after that many seconds of the whole benchmark.
@@ -62,9 +64,12 @@ RECIPES: dict[str, lwcompile.Config] = {
     "best": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=500.0,
                              prox=50.0),
 }
+# Opt-in rows (only when named in --methods): the inner graphs compiled by torch.compile, against the above.
+OPTIONAL_RECIPES = {f"{name}+compile": RECIPES[name].replace(compile_inner=True) for name in ("defaults", "paper-M")}
 GRID = {"adam": (1e-3, 3e-3), "rmsprop": (3e-4, 1e-3)}
 QUICK_GRID = {"adam": (1e-3, 3e-3), "rmsprop": (1e-3,)}
-METHODS = ("best", "adam", "peer", "defaults", "paper-M", "rmsprop")
+METHODS = ("best", "adam", "peer", "defaults", "paper-M", "rmsprop")  # the default run
+OPTIONAL_METHODS = tuple(OPTIONAL_RECIPES)
 TARGETS = {"mnist": (100.0, 80.0, 70.0), "digits": (30.0, 27.0, 25.0)}
 
 
@@ -195,6 +200,8 @@ def make_lwcompile(name: str, cfg: lwcompile.Config, sizes: Sequence[int], x_tra
     prog = lwcompile.transform(model, bce_sum, (example,), cfg)
     prog.build_target_graph(example)
     prog.inner_graphs  # noqa: B018  (traces every block's inner graph now)
+    if cfg.compile_inner:  # torch.compile compiles each inner graph at its first call: make that call here
+        prog.profile(example, example, repeats=1)
     return Run(name, describe(cfg), lambda xb: prog.step(xb, xb), outputs_to_logits(model), x_train, batch_size, seed,
                program=prog, inner_flops=inner_flops_per_step(prog, batch_size), clock=clock,
                compile_s=time.perf_counter() - t0)
@@ -265,7 +272,7 @@ def run_benchmark(x_train: torch.Tensor, x_eval: torch.Tensor, sizes: Sequence[i
                 log(note)
                 continue
         else:
-            run = make_lwcompile(m, RECIPES[m], sizes, x_train, batch_size, seed)
+            run = make_lwcompile(m, (RECIPES | OPTIONAL_RECIPES)[m], sizes, x_train, batch_size, seed)
         run.train(x_eval, budget, stop, eval_every)
         run.budget_s = budget
         runs.append(run)
@@ -379,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="auto", help="MNIST idx directory; 'auto' = ../shared/data/mnist if present")
     p.add_argument("--out", type=Path, default=Path("runs/time-to-target"))
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated: {', '.join(METHODS)} (default), {', '.join(OPTIONAL_METHODS)}")
     p.add_argument("--targets", default=None, help="loss targets, comma-separated (default 100,80,70 on MNIST)")
     p.add_argument("--budget-s", type=float, default=None, help="clocked seconds per method (default 150; quick 3)")
     p.add_argument("--grid-s", type=float, default=None, help="clocked seconds per grid lr (default 20; quick 1)")
@@ -403,8 +411,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     x_eval = x_train[torch.randperm(x_train.shape[0], generator=g)[:a.n_eval]]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in METHODS + OPTIONAL_METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS + OPTIONAL_METHODS)}")
     targets = tuple(float(t) for t in a.targets.split(",")) if a.targets else TARGETS[name]
     budget = a.budget_s if a.budget_s is not None else (3.0 if a.quick else 150.0)
     grid_s = a.grid_s if a.grid_s is not None else (1.0 if a.quick else 20.0)

@@ -95,6 +95,11 @@ class Config:
       it again: one fewer matmul per block and step, the same numbers (the same op on the same values). It keeps
       â alive until the block's update (one activation-sized tensor per block). Runs that cannot pass â along (the
       distributed runtime, exported ONNX programs) use the graphs without it.
+    - ``compile_inner`` (bool, default False): run each block's inner graph compiled by ``torch.compile`` (inductor,
+      once per shape, at its first step), which fuses the optimizer's element-wise updates. Same mathematics,
+      float rounding may differ slightly from eager's. A block whose graph fails to compile runs eagerly, warned
+      once (:mod:`lwcompile.runtime.compiled`). The first step pays the compile time (seconds per block). Not part
+      of a checkpoint's fingerprint: a run may resume with the other value (bit-identical only with the same one).
 
     The inner learning rate's schedule over training (positions count ``Program.step`` calls, i.e. the program's
     ``step_count``; not the T inner iterations, which ``inner_lr_decay`` shapes). The next step's inner lr is
@@ -149,6 +154,7 @@ class Config:
     frontend: str = "auto"
     check_finite: bool = True
     reuse_preactivation: bool = True
+    compile_inner: bool = False
     inner_lr_warmup_steps: int = 0
     inner_lr_warmup_start: float = 0.0
     inner_lr_anneal: str = "none"
@@ -204,6 +210,8 @@ class Config:
             object.__setattr__(self, "outer_options", tuple(sorted(self.outer_options.items())))
         if not isinstance(self.reuse_preactivation, bool):
             raise ConfigError(f"Config.reuse_preactivation={self.reuse_preactivation!r}: must be True or False.")
+        if not isinstance(self.compile_inner, bool):
+            raise ConfigError(f"Config.compile_inner={self.compile_inner!r}: must be True or False.")
         _check_schedule(self)
 
     def optimizer_options(self) -> dict[str, Any]:

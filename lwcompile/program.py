@@ -30,6 +30,7 @@ from lwcompile.pipeline import compile_model
 from lwcompile.program_tools import ProgramTools
 from lwcompile.schedule import schedule_factor
 from lwcompile import checkpoint, rollback
+from lwcompile.runtime.compiled import CompiledGraphs
 from lwcompile.runtime.local import Runner, check_runnable, run_jobs
 
 
@@ -62,6 +63,7 @@ class Program(ProgramTools):
         self._inner_lr = float(config.inner_lr)
         self._target_cache: dict[tuple, tuple[fx.GraphModule, TargetSignature]] = {}
         self._inner_cache: dict[tuple, fx.GraphModule] = {}
+        self._compiled_inner = CompiledGraphs() if config.compile_inner else None  # Config.compile_inner
         self._last_target: tuple[fx.GraphModule, TargetSignature] | None = None
         self._compile()
         opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
@@ -276,7 +278,8 @@ class Program(ProgramTools):
                    preacts: Mapping[str, torch.Tensor] | None = None) -> dict:
         """Block name -> (inner graph, its arguments) for one step (only the blocks in ``names``, when given).
         A block whose pre-activation is in ``preacts`` (``compute_targets(...)["preacts"]``) gets the graph that
-        reuses it instead of recomputing it."""
+        reuses it instead of recomputing it. With ``Config.compile_inner`` the graph's compiled callable
+        (:mod:`lwcompile.runtime.compiled`) instead of the graph."""
         jobs = {}
         for b in self.blocks:
             if names is not None and b.name not in names:
@@ -291,7 +294,8 @@ class Program(ProgramTools):
             sig = self.inner_signature(b.name, preact=z is not None)
             args = sig.pack([self._param(p).detach() for p in b.params], x, t, lr, self._inner_state[b.name], z)
             shapes = (tuple(x.shape), tuple(t.shape))
-            jobs[b.name] = (self.inner_graph(b.name, dtype=x.dtype, shapes=shapes, preact=z is not None), args)
+            gm = self.inner_graph(b.name, dtype=x.dtype, shapes=shapes, preact=z is not None)
+            jobs[b.name] = (gm if self._compiled_inner is None else self._compiled_inner.get(b.name, gm), args)
         return jobs
 
     def step(self, x: Any, y: Any, assignment: Mapping[str, Sequence[str]] | None = None,

@@ -54,17 +54,17 @@ def spd_solve(gram: torch.Tensor, rhs: torch.Tensor, block: str, prox: float) ->
     d = gram.shape[-1]
     L, info = torch.linalg.cholesky_ex(gram)
     if bool((info == 0).all()):
-        return torch.cholesky_solve(rhs, L)
+        return torch.cholesky_solve(rhs, L).contiguous()
     if gram.dtype != torch.float64:
         if prox > 0:
             scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
             eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
             L, info = torch.linalg.cholesky_ex(gram + 1e-6 * scale * eye)
             if bool((info == 0).all()):
-                return torch.cholesky_solve(rhs, L)
+                return torch.cholesky_solve(rhs, L).contiguous()
         L, info = torch.linalg.cholesky_ex(gram.double())
         if bool((info == 0).all()):
-            return torch.cholesky_solve(rhs.double(), L).to(rhs.dtype)
+            return torch.cholesky_solve(rhs.double(), L).to(rhs.dtype).contiguous()
     hint = ("with Config.prox=0 the Gram matrix XᵀX is singular whenever the batch's inputs do not span the input "
             "space (fewer rows than features, or a feature that is zero or constant over the batch, like MNIST's "
             "border pixels); use Config(prox=...) > 0 (e.g. 1.0)") if prox == 0 else (
@@ -75,7 +75,8 @@ def spd_solve(gram: torch.Tensor, rhs: torch.Tensor, block: str, prox: float) ->
 
 @spd_solve.register_fake
 def _(gram: torch.Tensor, rhs: torch.Tensor, block: str, prox: float) -> torch.Tensor:
-    return torch.empty_like(rhs)
+    # contiguous like the real kernel's result (cholesky_solve alone returns column-major): torch.compile checks it
+    return rhs.new_empty(rhs.shape)
 
 
 # ---------------------------------------------------------------- design matrices, per op kind
