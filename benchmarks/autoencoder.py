@@ -28,7 +28,6 @@ Backprop runs use a constant lr (tuned over the grid).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -43,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lwcompile  # noqa: E402
 from backprop_baselines import DIGITS_SIZES, LR_GRID, full_loss  # noqa: E402
+from bench_setup import data_source, setup_torch, write_results  # noqa: E402
 from lwcompile.experiments.data import batches, load_images  # noqa: E402
 from lwcompile.experiments.models import (AUTOENCODER_SIZES, backprop_optimizer, bce_sum,  # noqa: E402
                                           deep_autoencoder, outputs_to_logits, sigmoid_xent_sum)
@@ -360,11 +360,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="digits, 30 steps, one lr per optimizer: < 2 minutes")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)
-    data_arg = "digits" if a.quick and a.data_dir == "auto" else a.data_dir
-    arg = None if data_arg in ("digits", "none", "") else data_arg
+    setup_torch(a.threads)
+    arg = data_source(a.data_dir, a.quick)
     x_train, name = load_images(arg, "train")
     x_test, _ = load_images(arg, "test")
     if a.train_subset:
@@ -384,13 +381,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         inner_lr=a.inner_lr, equal_time=not a.no_equal_time,
                         output_sigmoid=a.output_layer == "sigmoid", progress=not a.no_progress)
     res |= {"data": name, "n_train": int(x_train.shape[0]), "n_test": int(x_test.shape[0]), "warmup_steps": warmup}
-    a.out.mkdir(parents=True, exist_ok=True)
-    md = format_markdown(res)
-    (a.out / "results.md").write_text(md)
-    (a.out / "results.json").write_text(json.dumps(res, indent=1))
-    plot(res, a.out / "curves.png")
-    print(md)
-    print(f"wrote {a.out / 'results.md'}, {a.out / 'results.json'}, {a.out / 'curves.png'}")
+    write_results(a.out, res, format_markdown(res), plot, "curves.png")
     return res
 
 

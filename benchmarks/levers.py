@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lwcompile  # noqa: E402
-from lwcompile.experiments.data import batches, load_images  # noqa: E402
-from lwcompile.experiments.models import AUTOENCODER_SIZES, bce_sum, deep_autoencoder  # noqa: E402
+from bench_setup import load_autoencoder_data, setup_torch  # noqa: E402
+from lwcompile.experiments.data import batches  # noqa: E402
+from lwcompile.experiments.models import bce_sum, deep_autoencoder  # noqa: E402
 
 # lever name -> (Config fields when on, when off)
 LEVERS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -120,14 +121,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="scikit-learn digits")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)
-    from backprop_baselines import DIGITS_SIZES
-
-    data_arg = "digits" if a.quick and a.data_dir == "auto" else a.data_dir
-    x_train, name = load_images(None if data_arg in ("digits", "none", "") else data_arg, "train")
-    sizes, batch_size = (AUTOENCODER_SIZES, 1000) if name == "mnist" else (DIGITS_SIZES, 100)
+    setup_torch(a.threads)
+    x_train, name, sizes, batch_size = load_autoencoder_data(a.data_dir, a.quick)
     steps = a.steps if a.steps is not None else (3 if a.quick else 8)
     recipes = {r: RECIPES[r] for r in a.recipes.split(",") if r}
     levers = [v for v in a.levers.split(",") if v]

@@ -33,7 +33,6 @@ Numbers are ratios within one run on one machine: the CPU is printed and recorde
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -49,9 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lwcompile  # noqa: E402
 from autoencoder import matmul_gflops  # noqa: E402
 from levers import LEVERS, format_levers, measure_levers  # noqa: E402
-from backprop_baselines import DIGITS_SIZES  # noqa: E402
-from lwcompile.experiments.data import batches, load_images  # noqa: E402
-from lwcompile.experiments.models import (AUTOENCODER_SIZES, backprop_optimizer, bce_sum,  # noqa: E402
+from bench_setup import load_autoencoder_data, setup_torch, write_results  # noqa: E402
+from lwcompile.experiments.data import batches  # noqa: E402
+from lwcompile.experiments.models import (backprop_optimizer, bce_sum,  # noqa: E402
                                           deep_autoencoder, full_loss, outputs_to_logits, sigmoid_xent_sum)
 from lwcompile.runtime.costs import exact_flops  # noqa: E402
 
@@ -414,12 +413,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="steps per side of each lever's on/off measurement, 0 = none (default 8; quick 2)")
     p.add_argument("--quick", action="store_true", help="scikit-learn digits, short budgets: < 1 minute")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)
-    data_arg = "digits" if a.quick and a.data_dir == "auto" else a.data_dir
-    x_train, name = load_images(None if data_arg in ("digits", "none", "") else data_arg, "train")
-    sizes, batch_size = (AUTOENCODER_SIZES, 1000) if name == "mnist" else (DIGITS_SIZES, 100)
+    setup_torch(a.threads)
+    x_train, name, sizes, batch_size = load_autoencoder_data(a.data_dir, a.quick)
     g = torch.Generator().manual_seed(a.seed)
     x_eval = x_train[torch.randperm(x_train.shape[0], generator=g)[:a.n_eval]]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -435,13 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         lever_steps=a.lever_steps if a.lever_steps is not None else (2 if a.quick else 8),
                         method_budget={k: float(v) for k, v in (kv.split("=") for kv in a.method_budget.split(",") if kv)})
     res |= {"data": name, "n_train": int(x_train.shape[0])}
-    a.out.mkdir(parents=True, exist_ok=True)
-    md = format_markdown(res)
-    (a.out / "results.md").write_text(md)
-    (a.out / "results.json").write_text(json.dumps(res, indent=1))
-    plot(res, a.out / "loss_vs_time.png")
-    print(md)
-    print(f"wrote {a.out / 'results.md'}, {a.out / 'results.json'}, {a.out / 'loss_vs_time.png'}")
+    write_results(a.out, res, format_markdown(res), plot, "loss_vs_time.png")
     return res
 
 
