@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from lwcompile.errors import PartitionError
 from lwcompile.ir import Block, numel
 from lwcompile.passes import registry as R
+from lwcompile.passes.grad_reach import reach
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.state import preserved_state
 from lwcompile.passes.transfer import TransferRow, transfer_for
@@ -189,6 +190,7 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
         ShapeProp(gm).propagate(*pytree.tree_leaves(example_inputs))
     uses = _uses(gm)
     notes: list[str] = []
+    dead = _no_gradient(gm, example_inputs, notes)
     blocks: list[Block] = []
     taken: set[str] = set()
     claimed: dict[int, str] = {}  # parameter tensor -> the block that trains it with its local loss
@@ -206,6 +208,11 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
         cls = type(gm.get_submodule(owner)).__name__ if owner else type(gm).__name__
         weight = gm.get_parameter(m.weight)
         if _skipped(skip, name, cls) or not weight.requires_grad:
+            continue
+        if node.name in dead.dead_nodes:  # eager autograd gives it no gradient: no target, no local loss
+            notes.append(f"block candidate {name!r} ({where}) gets no gradient from the model output (computed "
+                         "under torch.no_grad() or only used detached): it is not a block; its parameters move "
+                         "only if another use gives them a gradient, as in eager PyTorch.")
             continue
         bias_t = gm.get_parameter(m.bias) if m.bias else None
         again = [claimed[id(t)] for t in (weight, bias_t) if t is not None and id(t) in claimed]
@@ -239,7 +246,7 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
                     transfer, kw, t_node = row.name, kept, users[0].name
         w_shape = tuple(weight.shape)
         macs = LINEAR_OPS[m.op].macs(x_shape, z_shape, w_shape, dict(m.attrs))
-        frozen = (m.bias,) if bias_t is not None and not bias_t.requires_grad else ()
+        frozen = (m.bias,) if bias_t is not None and (not bias_t.requires_grad or m.bias in dead.dead_params) else ()
         blocks.append(Block(
             name=name, node=node.name, op=m.op, attrs=m.attrs, transfer=transfer,
             transfer_kwargs=tuple(sorted(kw.items())), weight=m.weight, bias=m.bias, weight_shape=w_shape,
@@ -254,12 +261,26 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
         raise PartitionError(
             f"{type(gm).__name__} has no block: no parameter-carrying linear op (nn.Linear, nn.ConvNd, F.linear, "
             "x @ W.T, ...) was found" + (" outside the skip patterns" if skip else "") +
+            (" that gets a gradient (some are used only under torch.no_grad() or detached)" if dead.dead_nodes
+             and dead.dead_params else "") +
             ". lwcompile needs at least one; train this model with an ordinary optimizer.")
     # One entry per trainable tensor (its first name): every tensor outside blocks, and block tensors that are
     # also read elsewhere (tied weights), which the outer optimizer steps on the gradient of those other uses.
+    unreached = {id(gm.get_parameter(n)) for n in dead.dead_params}
     nonblock = tuple(n for n, p in gm.named_parameters()
-                     if p.requires_grad and (id(p) not in claimed or id(p) in shared))
+                     if p.requires_grad and id(p) not in unreached and (id(p) not in claimed or id(p) in shared))
     return Partition(tuple(blocks), nonblock, _block_edges(gm, blocks), tuple(notes))
+
+
+def _no_gradient(gm: fx.GraphModule, example_inputs: tuple, notes: list[str]):
+    """What the output's gradient never reaches (:mod:`lwcompile.passes.grad_reach`). Such parameters are in no
+    block and not stepped by the outer optimizer: eager ``torch.optim`` skips a parameter whose grad is None."""
+    dead = reach(gm, example_inputs)
+    if dead.dead_params:
+        notes.append(f"parameters {', '.join(repr(n) for n in dead.dead_params)} get no gradient from the model "
+                     "output (used only under torch.no_grad(), after .detach(), or not at all): they are not "
+                     "trained, as in eager PyTorch.")
+    return dead
 
 
 def _block_edges(gm: fx.GraphModule, blocks: list[Block]) -> tuple[tuple[str, str, int], ...]:

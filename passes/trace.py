@@ -25,7 +25,10 @@ from lwcompile.errors import TraceError, first_line
 from lwcompile.ir import TraceResult
 from lwcompile.passes import registry
 from lwcompile.passes.functionalize import functionalize_inplace
+from lwcompile.passes.grad_reach import output_grads
 from lwcompile.passes.state import preserved_state
+from lwcompile.passes.trace_hooks import (
+    call_with_hooks, has_forward_hooks, no_grad_marks, cut_no_grad_regions, refuse_unsupported_hooks)
 
 SYMBOLIC = "torch.fx.symbolic_trace"
 EXPORT = "torch.export"
@@ -41,14 +44,26 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _TRACE_THROUGH):
             return False
+        if has_forward_hooks(m):  # traced through, so its hooks become graph nodes (see trace_hooks)
+            return False
         if type(m) in registry.TRANSFER_MODULES:  # a user-registered transfer module stays one call_module node
             return True
         return super().is_leaf_module(m, qualname)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # noqa: ANN001, ANN201
+        return no_grad_marks(super().create_node(kind, target, args, kwargs, name, type_expr))
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # noqa: ANN001, ANN201
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if is_module and has_forward_hooks(self.root):  # fx calls type(root).forward, skipping root's hooks
+            return call_with_hooks(self.root, fn), args
+        return fn, args
+
 
 def _symbolic(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer()
-    graph = tracer.trace(model)
+    with torch.enable_grad():  # grad mode seen while tracing marks torch.no_grad() regions (trace_hooks)
+        graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
@@ -133,23 +148,58 @@ def _reproduces(res: TraceResult, model: nn.Module, example_inputs: tuple) -> bo
     return _same(ref, got)
 
 
+def _grads_differ(res: TraceResult, model: nn.Module, example_inputs: tuple) -> str | None:
+    """Why the traced graph's gradients differ from eager PyTorch's, or None when they agree.
+
+    A probe loss of the output is differentiated in both; the parameters that get no gradient must be the same
+    ones (``torch.no_grad()``, ``.detach()``) and the others must agree in value. This catches what a front end
+    cannot see: grad-mode changes, in-place writes under ``no_grad``, custom autograd Functions, tensor hooks.
+    When eager PyTorch itself cannot differentiate the model on the example, there is nothing to compare.
+    """
+    params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    try:
+        with preserved_state(model):
+            torch.manual_seed(0)
+            ref = output_grads(lambda: model(*example_inputs), params)
+    except Exception:
+        return None
+    try:
+        with preserved_state(res.graph_module):
+            torch.manual_seed(0)
+            got = output_grads(lambda: run_traced(res, example_inputs), params)
+    except Exception as e:
+        return f"its backward failed ({first_line(e)})"
+    for p, r, g in zip(params, ref, got):
+        if (r is None) != (g is None):
+            return (f"parameter {names[id(p)]!r} gets {'no' if r is None else 'a'} gradient in eager PyTorch but "
+                    f"{'a' if r is None else 'no'} gradient in the traced graph")
+        if r is not None and not torch.allclose(r, g, rtol=1e-3, atol=1e-5 * (1 + float(r.abs().max())),
+                                                equal_nan=True):
+            return f"the gradient of parameter {names[id(p)]!r} differs from eager PyTorch's"
+    return None
+
+
 def trace(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> TraceResult:
     """Capture ``model`` called on ``example_inputs``; ``frontend`` is "auto", "fx" or "export".
 
     The graph is functionalized (:mod:`lwcompile.passes.functionalize`). Why a front end was passed over is
     kept in the result's ``notes`` (torch.fx prints failing generated code to stderr: that is captured too).
     """
+    refuse_unsupported_hooks(model)
     errors: list[str] = []
     if frontend in ("auto", "fx"):
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                gm = functionalize_inplace(_symbolic(model), example_inputs)
+                gm = cut_no_grad_regions(functionalize_inplace(_symbolic(model), example_inputs))
                 res = TraceResult(gm, SYMBOLIC)
                 ok = _reproduces(res, model, example_inputs)
-            if ok:
+                why = _grads_differ(res, model, example_inputs) if ok else None
+            if ok and why is None:
                 return res
             errors.append(f"{SYMBOLIC}: the traced graph does not reproduce {type(model).__name__}'s output "
-                          "(Python control flow was frozen during tracing)")
+                          "(Python control flow was frozen during tracing)" if not ok else
+                          f"{SYMBOLIC}: the traced graph's gradients differ from eager PyTorch's: {why}")
         except Exception as e:  # any failure (or refusal) of the symbolic graph sends us to torch.export
             errors.append(f"{SYMBOLIC}: {first_line(e)}")
     if frontend in ("auto", "export"):
@@ -158,9 +208,11 @@ def trace(model: nn.Module, example_inputs: tuple, frontend: str = "auto") -> Tr
                 gm, in_spec, out_spec = _export(model, example_inputs)
                 res = TraceResult(gm, EXPORT, in_spec, out_spec, notes=tuple(errors))
                 ok = _reproduces(res, model, example_inputs)
-            if ok:
+                why = _grads_differ(res, model, example_inputs) if ok else None
+            if ok and why is None:
                 return res
-            errors.append(f"{EXPORT}: the exported graph does not reproduce the model's output")
+            errors.append(f"{EXPORT}: the exported graph does not reproduce the model's output" if not ok else
+                          f"{EXPORT}: the exported graph's gradients differ from eager PyTorch's: {why}")
         except TraceError:
             raise
         except Exception as e:
