@@ -35,7 +35,7 @@ aten = torch.ops.aten
 @dataclass(frozen=True)
 class LinearOpRow:
     """One linear op kind. ``call``: "weight" (``f(input, weight, bias, *attr_args)``) or "matmul" (``x @ W``, W
-    2-D; ``x @ Wᵀ`` is then the op named ``transposed``). ``module_attrs(mod)`` / ``call_attrs(W shape, positional
+    2-D; ``x @ Wᵀ`` is then the op named ``transposed``) or "addmm" (``f(bias, input, weight, beta=, alpha=)``). ``module_attrs(mod)`` / ``call_attrs(W shape, positional
     args after bias, keywords)`` give the attributes as a sorted tuple of items, or None when the op cannot be
     a block (asymmetric "same" padding)."""
 
@@ -92,6 +92,48 @@ def _matmul_grad(x, r, w_shape, attrs, has_bias):
 
 def _matmul_macs(xs, zs, ws, attrs):
     return _prod(zs[1:]) * int(ws[0])
+
+
+# ---------------------------------------------------------------- addmm / baddbmm: z = β·b + α·(x W), W (in, out)
+# torch.addmm(bias, x, W) (HF GPT-2's Conv1D) and torch.baddbmm(bias, x, W) with W (G, in, out). The attributes keep
+# α, β and the bias's shape (it may broadcast: (out,), (1, out), (G, 1, out), ...), so the bias gradient is the
+# residual summed down to that shape and the row stays exact for every call torch accepts.
+def _addmm_attrs(w_shape: tuple, args: list, kwargs: dict) -> tuple:
+    # ``args`` holds the bias's shape (the partitioner reads it from the parameter); keywords α and β
+    alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
+    bias_shape = tuple(int(s) for s in args[0]) if args else ()
+    return tuple(sorted({"alpha": alpha, "beta": beta, "bias_shape": bias_shape}.items()))
+
+
+def _addmm_apply(batched: bool):
+    fn = torch.baddbmm if batched else torch.addmm
+
+    def apply(x, W, b, attrs):
+        alpha, beta = attrs.get("alpha", 1), attrs.get("beta", 1)
+        if b is None:
+            z = torch.bmm(x, W) if batched else x @ W
+            return z if alpha == 1 else alpha * z
+        return fn(b, x, W, beta=beta, alpha=alpha)
+
+    return apply
+
+
+def _addmm_grad(batched: bool):
+    def grad(x, r, w_shape, attrs, has_bias):
+        alpha, beta = attrs.get("alpha", 1), attrs.get("beta", 1)
+        dW = torch.bmm(x.transpose(1, 2), r) if batched else x.transpose(0, 1) @ r
+        if alpha != 1:
+            dW = alpha * dW
+        if not has_bias:
+            return dW, None
+        db = r.sum_to_size(attrs.get("bias_shape", (r.shape[-1],)))
+        return dW, (db if beta == 1 else beta * db)
+
+    return grad
+
+
+def _addmm_macs(xs, zs, ws, attrs):
+    return _prod(zs[1:]) * int(ws[-2])
 
 
 # ---------------------------------------------------------------- convNd and conv_transposeNd: attributes
@@ -296,6 +338,12 @@ _ROWS = (
     LinearOpRow("matmul", _matmul_apply, _matmul_grad, _matmul_macs, call="matmul", transposed="linear",
                 functions=(operator.matmul, torch.matmul, torch.mm, aten.matmul.default, aten.mm.default),
                 methods=("matmul", "__matmul__", "mm")),
+    LinearOpRow("addmm", _addmm_apply(False), _addmm_grad(False), _addmm_macs, call="addmm",
+                functions=(torch.addmm, aten.addmm.default), methods=("addmm",), call_attrs=_addmm_attrs,
+                default_attrs={"alpha": 1, "beta": 1}),
+    LinearOpRow("baddbmm", _addmm_apply(True), _addmm_grad(True), _addmm_macs, call="addmm",
+                functions=(torch.baddbmm, aten.baddbmm.default), methods=("baddbmm",), call_attrs=_addmm_attrs,
+                default_attrs={"alpha": 1, "beta": 1}),
     *(_conv_row(nd) for nd in (1, 2, 3)),
     *(_conv_t_row(nd) for nd in (1, 2, 3)),
 )

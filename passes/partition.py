@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from lwcompile.errors import PartitionError
 from lwcompile.ir import Block, numel
 from lwcompile.passes import registry as R
+from lwcompile.passes.matmul_warnings import matmul_fed_warnings
 from lwcompile.passes.grad_reach import reach
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.state import preserved_state
@@ -76,6 +77,11 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | st
         row = R.linear_for_module(mod)
         if row is None:
             return None
+        if not isinstance(getattr(mod, "weight", None), nn.Parameter):
+            # torch.nn.utils.parametrize / weight_norm: the weight is computed from other parameters at each call,
+            # so there is no weight tensor a local loss could step; those parameters take the backward's gradient
+            return ("reads a computed weight (a parametrization such as weight_norm or orthogonal), not a "
+                    "parameter; remove it with torch.nn.utils.parametrize.remove_parametrizations to make it a block")
         bias = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
         if row.attr_args and (len(node.args) > 1 or node.kwargs.get("output_size") is not None):
             return "called with output_size"
@@ -99,6 +105,8 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | st
         if attrs is None:
             return "uses asymmetric 'same' padding"
         return _LinearMatch(row.name, _arg(node, 0, "input"), w, b, attrs, node)
+    if row.call == "addmm":
+        return _match_addmm(gm, node, row)
     if len(node.args) == 2 or set(node.kwargs) in ({"other"}, {"input", "other"}):  # x @ W
         x, w = _arg(node, 0, "input"), _arg(node, 1, "other")
         direct = _param_target(gm, w)
@@ -111,6 +119,36 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | st
         if _param_target(gm, x) is not None:
             return "multiplies its weight from the left (W @ x)"
     return None
+
+
+def _match_addmm(gm: fx.GraphModule, node: fx.Node, row) -> _LinearMatch | None | str:
+    """``addmm(bias, x, W)`` / ``baddbmm(bias, x, W)`` (function, tensor method ``bias.addmm(x, W)`` or ATen)."""
+    second, third = ("batch1", "batch2") if row.name == "baddbmm" else ("mat1", "mat2")
+    b_node = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    x, w = _arg(node, 1, second), _arg(node, 2, third)
+    kw = {k: v for k, v in node.kwargs.items() if k in ("alpha", "beta")}
+    if any(not isinstance(v, (int, float)) for v in kw.values()):
+        return "has a non-constant alpha or beta" if _param_target(gm, w) else None
+    direct = _param_target(gm, w)
+    want = 3 if row.name == "baddbmm" else 2
+    if direct is None or gm.get_parameter(direct).dim() != want:
+        if direct is None and row.name == "addmm" and isinstance(w, fx.Node) and R.is_transpose_of_2d(w):
+            src = _param_target(gm, w.args[0])  # addmm(b, x, W.t()): F.linear(x, W, b) when α = β = 1
+            if src is not None and gm.get_parameter(src).dim() == 2:
+                b = _param_target(gm, b_node)
+                n_out = gm.get_parameter(src).shape[0]
+                if b is None or kw.get("alpha", 1) != 1 or kw.get("beta", 1) != 1 or \
+                        tuple(gm.get_parameter(b).shape) != (n_out,):
+                    return "multiplies a transposed weight with a bias, alpha or beta that F.linear cannot take"
+                return _LinearMatch("linear", x, src, b, (), w)
+        if _param_target(gm, x) is not None:
+            return "multiplies its weight from the left (W @ x)"
+        return None
+    b = _param_target(gm, b_node)
+    if b is None:
+        return "has a bias that is not a parameter"
+    attrs = row.call_attrs(tuple(gm.get_parameter(direct).shape), [tuple(gm.get_parameter(b).shape)], kw)
+    return _LinearMatch(row.name, x, direct, b, attrs, node)
 
 
 def _transfer_options(row: TransferRow, args: tuple, kwargs: dict, source: Any = None) -> dict:
@@ -195,6 +233,7 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
     taken: set[str] = set()
     claimed: dict[int, str] = {}  # parameter tensor -> the block that trains it with its local loss
     shared: set[int] = set()  # block parameters that are also read outside their block
+    noted: set[str] = set()  # linear-op nodes a note already explains
     for node in gm.graph.nodes:
         m = _match_linear(gm, node)
         if m is None:
@@ -202,12 +241,14 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
         where = f"node {node.name!r} ({node.format_node()})"
         if isinstance(m, str):
             notes.append(f"{where} is linear in a weight but {m}; its parameters are trained by the outer optimizer.")
+            noted.add(node.name)
             continue
         name = _block_name(m, node, taken)
         owner = m.weight.rpartition(".")[0]
         cls = type(gm.get_submodule(owner)).__name__ if owner else type(gm).__name__
         weight = gm.get_parameter(m.weight)
         if _skipped(skip, name, cls) or not weight.requires_grad:
+            noted.add(node.name)  # asked for (skip) or frozen: no warning that it is not a block
             continue
         if node.name in dead.dead_nodes:  # eager autograd gives it no gradient: no target, no local loss
             notes.append(f"block candidate {name!r} ({where}) gets no gradient from the model output (computed "
@@ -217,6 +258,7 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
         bias_t = gm.get_parameter(m.bias) if m.bias else None
         again = [claimed[id(t)] for t in (weight, bias_t) if t is not None and id(t) in claimed]
         if again:
+            noted.add(node.name)
             notes.append(f"{where} reuses a parameter of block {again[0]!r} (tied weights): that block trains it "
                          "with its local loss; this use adds its gradient through the outer optimizer.")
             continue
@@ -269,6 +311,7 @@ def partition(gm: fx.GraphModule, example_inputs: tuple, skip: tuple[str, ...] =
     unreached = {id(gm.get_parameter(n)) for n in dead.dead_params}
     nonblock = tuple(n for n, p in gm.named_parameters()
                      if p.requires_grad and id(p) not in unreached and (id(p) not in claimed or id(p) in shared))
+    notes.extend(matmul_fed_warnings(gm, nonblock, claimed, noted, _uses(gm)))
     return Partition(tuple(blocks), nonblock, _block_edges(gm, blocks), tuple(notes))
 
 

@@ -8,6 +8,8 @@ op forms as their originals (module vs functional, ``inplace=True``, ``out += id
 - ViT (timm ``vision_transformer.py``: conv patch embedding, class token, positional embedding, hand-written qkv
   Linear attention through ``F.scaled_dot_product_attention``, GELU MLP; nn.MultiheadAttention is in tests/zoo.py);
 - GPT (nanoGPT ``model.py``: hand-written causal attention with a ``torch.tril`` buffer, tied ``lm_head``);
+- GPT-2 (Hugging Face ``modeling_gpt2.py``: ``Conv1D`` projections as ``torch.addmm(bias, x.view(-1, nx), W)``,
+  ``_split_heads`` / ``_merge_heads``, a boolean causal mask through ``torch.where``, "gelu_new", tied head);
 - U-Net level (milesial Pytorch-UNet ``unet_parts.py``: DoubleConv, Down, Up with ConvTranspose2d + F.pad + cat);
 - LSTM / GRU heads; a MobileNetV1/V2-style depthwise-separable stack with ``ReLU6(inplace=True)``.
 Every factory returns ``(model, inputs, y, loss_fn)`` like ``tests/zoo.py``.
@@ -318,6 +320,133 @@ def gpt():
     return m, (torch.randint(0, 11, (3, 6)),), torch.randint(0, 11, (3, 6)), gpt_loss
 
 
+# ---------------------------------------------------------------- GPT-2 (Hugging Face modeling_gpt2.py)
+class Conv1D(nn.Module):
+    """HF ``pytorch_utils.Conv1D``: a linear layer with its weight stored (in, out), applied with ``torch.addmm``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.2)
+        nn.init.normal_(self.bias, std=0.1)  # HF inits zeros; non-zero so the bias update is informative
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        x = x.view(size_out)
+        return x
+
+
+class NewGELUActivation(nn.Module):
+    """HF ``activations.NewGELUActivation`` ("gelu_new"), the tanh approximation written out."""
+
+    def forward(self, input):
+        return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, n_embd, n_head, n_positions):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones((n_positions, n_positions), dtype=torch.bool)).view(
+            1, 1, n_positions, n_positions), persistent=False)
+        self.embed_dim, self.num_heads = n_embd, n_head
+        self.head_dim = n_embd // n_head
+        self.split_size = n_embd
+        self.c_attn = Conv1D(3 * n_embd, n_embd)
+        self.c_proj = Conv1D(n_embd, n_embd)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(0.0), nn.Dropout(0.0)
+
+    def _split_heads(self, tensor, num_heads, attn_head_size):
+        new_shape = tensor.size()[:-1] + (num_heads, attn_head_size)
+        return tensor.view(new_shape).permute(0, 2, 1, 3)  # (batch, head, seq_length, head_features)
+
+    def _merge_heads(self, tensor, num_heads, attn_head_size):
+        tensor = tensor.permute(0, 2, 1, 3).contiguous()
+        new_shape = tensor.size()[:-2] + (num_heads * attn_head_size,)
+        return tensor.view(new_shape)
+
+    def _attn(self, query, key, value):
+        attn_weights = torch.matmul(query, key.transpose(-1, -2))
+        attn_weights = attn_weights / torch.full([], value.size(-1) ** 0.5, dtype=attn_weights.dtype,
+                                                 device=attn_weights.device)
+        query_length, key_length = query.size(-2), key.size(-2)
+        causal_mask = self.bias[:, :, key_length - query_length: key_length, :key_length]
+        mask_value = torch.finfo(attn_weights.dtype).min
+        mask_value = torch.full([], mask_value, dtype=attn_weights.dtype, device=attn_weights.device)
+        attn_weights = torch.where(causal_mask, attn_weights.to(attn_weights.dtype), mask_value)
+        attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+        attn_weights = self.attn_dropout(attn_weights)
+        return torch.matmul(attn_weights, value)
+
+    def forward(self, hidden_states):
+        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        query = self._split_heads(query, self.num_heads, self.head_dim)
+        key = self._split_heads(key, self.num_heads, self.head_dim)
+        value = self._split_heads(value, self.num_heads, self.head_dim)
+        attn_output = self._merge_heads(self._attn(query, key, value), self.num_heads, self.head_dim)
+        return self.resid_dropout(self.c_proj(attn_output))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, intermediate_size, n_embd):
+        super().__init__()
+        self.c_fc = Conv1D(intermediate_size, n_embd)
+        self.c_proj = Conv1D(n_embd, intermediate_size)
+        self.act = NewGELUActivation()
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, hidden_states):
+        hidden_states = self.act(self.c_fc(hidden_states))
+        return self.dropout(self.c_proj(hidden_states))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, n_embd, n_head, n_positions):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, eps=1e-5)
+        self.attn = GPT2Attention(n_embd, n_head, n_positions)
+        self.ln_2 = nn.LayerNorm(n_embd, eps=1e-5)
+        self.mlp = GPT2MLP(4 * n_embd, n_embd)
+
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.attn(self.ln_1(hidden_states))
+        hidden_states = hidden_states + residual
+        residual = hidden_states
+        feed_forward_hidden_states = self.mlp(self.ln_2(hidden_states))
+        return residual + feed_forward_hidden_states
+
+
+class GPT2LMHead(nn.Module):
+    """GPT2Model (wte, wpe, drop, h, ln_f) and the tied lm head, as ``F.linear(h, wte.weight)``."""
+
+    def __init__(self, vocab_size=11, n_positions=6, n_embd=8, n_head=2, n_layer=2):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(n_positions, n_embd)
+        self.drop = nn.Dropout(0.0)
+        self.h = nn.ModuleList([GPT2Block(n_embd, n_head, n_positions) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd, eps=1e-5)
+
+    def forward(self, input_ids):
+        input_shape = input_ids.size()
+        position_ids = torch.arange(0, input_shape[-1], dtype=torch.long, device=input_ids.device).unsqueeze(0)
+        hidden_states = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        for block in self.h:
+            hidden_states = block(hidden_states)
+        hidden_states = self.ln_f(hidden_states)
+        return F.linear(hidden_states, self.wte.weight)
+
+
+def gpt2():
+    m = GPT2LMHead()
+    with torch.no_grad():
+        m.wte.weight.normal_(0, 0.3)
+    return m, (torch.randint(0, 11, (3, 6)),), torch.randint(0, 11, (3, 6)), gpt_loss
+
+
 # ---------------------------------------------------------------- U-Net level
 class DoubleConv(nn.Module):
     def __init__(self, in_channels, out_channels):
@@ -405,4 +534,4 @@ def dwsep():
 
 
 REAL_ZOO = {"mobilenet_v3_eval": mobilenet_v3_eval, "mobilenet_v3_train": mobilenet_v3_train, "resnet": resnet,
-            "vit": vit, "gpt": gpt, "unet": unet, "lstm": lstm, "gru": gru, "dwsep": dwsep}
+            "vit": vit, "gpt": gpt, "gpt2": gpt2, "unet": unet, "lstm": lstm, "gru": gru, "dwsep": dwsep}

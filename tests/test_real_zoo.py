@@ -39,6 +39,7 @@ CASES = {
     "resnet_basic_bottleneck_frozen_conv": ("resnet", {}, ("layer1.0.conv2.weight",)),
     "vit": ("vit", {}, ()),
     "gpt_tied_embedding": ("gpt", {}, ()),
+    "gpt2_conv1d_addmm": ("gpt2", {}, ()),
     "unet_level": ("unet", {}, ()),
     "lstm_head": ("lstm", {}, ()),
     "gru_head": ("gru", {}, ()),
