@@ -175,3 +175,104 @@ def test_outer_slots_of_the_wrong_shape_or_dtype_are_refused_at_load(outer, slot
     assert prog.step_count == 1
     prog.load_state_dict(good)  # the intact state still loads and steps
     assert torch.isfinite(torch.as_tensor(prog.step(x, y)))
+
+
+# ------------------------------------------------------------------------- 9: manifest paths outside the export
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    prog = lwcompile.transform(m, F.mse_loss, torch.randn(6, 4), steps=2)
+    out = tmp_path_factory.mktemp("export") / "out"
+    prog.export_onnx(str(out), example_labels=torch.randn(6, 2), training=False)
+    return prog, out
+
+
+def _copy_with(exported, tmp_path, edit):
+    import json
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(exported[1], out, symlinks=True)
+    man = json.loads((out / "manifest.json").read_text())
+    edit(man, out)
+    (out / "manifest.json").write_text(json.dumps(man))
+    return out
+
+
+def _outside_params(man, out, how):
+    import shutil
+
+    elsewhere = out.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    shutil.copy(out / man["program"]["params_file"], elsewhere / "params.npz")  # a loadable file: only its place is bad
+    if how == "dotdot":
+        man["program"]["params_file"] = "../elsewhere/params.npz"
+    elif how == "absolute":
+        man["program"]["params_file"] = str(elsewhere / "params.npz")
+    else:  # a link inside the directory that leads out of it
+        (out / "linked.npz").symlink_to(elsewhere / "params.npz")
+        man["program"]["params_file"] = "linked.npz"
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_ort_program_refuses_manifest_paths_outside_its_directory(exported, tmp_path, how):
+    from lwcompile.runtime.ort import OrtProgram
+
+    OrtProgram(str(exported[1]))  # the export itself loads
+    out = _copy_with(exported, tmp_path, lambda man, out: _outside_params(man, out, how))
+    with pytest.raises(lwcompile.LwcompileError, match="leads outside"):
+        OrtProgram(str(out))
+
+
+def test_ort_program_refuses_a_graph_path_outside_its_directory(exported, tmp_path):
+    import shutil
+
+    from lwcompile.runtime.ort import OrtProgram
+
+    def edit(man, out):
+        target = man["program"]["target"]["file"]
+        shutil.copy(out / target, out.parent / "graph.onnx")
+        man["program"]["target"]["file"] = "../graph.onnx"
+        for f in man["files"]:
+            if f["file"] == target:
+                f["file"] = "../graph.onnx"
+
+    out = _copy_with(exported, tmp_path, edit)
+    with pytest.raises(lwcompile.LwcompileError, match="'../graph.onnx' leads outside"):
+        OrtProgram(str(out))
+
+
+def test_export_overwrite_refuses_a_previous_manifest_naming_paths_outside(exported, tmp_path):
+    prog, _ = exported
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+
+    def edit(man, out):
+        man["written"] = [*man["written"], "../victim.txt"]
+
+    out = _copy_with(exported, tmp_path, edit)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(lwcompile.ExportError, match="outside the directory"):
+        prog.export_onnx(str(out), example_labels=torch.randn(6, 2), training=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before and victim.read_text() == "mine\n"
+
+
+# ------------------------------------------------------------------- 10: exported files follow the umask
+def test_exported_files_and_folders_have_the_modes_an_ordinary_write_gives(exported, tmp_path):
+    prog, _ = exported
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "out"
+        prog.export_onnx(str(out), example_labels=torch.randn(6, 2), training=True)
+    finally:
+        os.umask(old)
+    modes = {}
+    for d, dirs, files in os.walk(out):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            modes[os.path.relpath(p, out)] = (os.path.isdir(p), os.stat(p).st_mode & 0o777)
+    assert any(name.endswith(".onnx") for name in modes) and any(is_dir for is_dir, _ in modes.values())
+    wrong = {n: oct(m) for n, (is_dir, m) in modes.items() if m != (0o750 if is_dir else 0o640)}
+    assert not wrong, wrong
+    assert os.stat(out).st_mode & 0o777 == 0o750
