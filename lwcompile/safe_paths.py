@@ -19,11 +19,15 @@ import os
 from pathlib import Path
 
 
-def inside(root: str | os.PathLike, rel: object) -> str | None:
-    """The resolved path of ``rel`` under folder ``root`` (symbolic links followed), or None when ``rel`` is not a
-    relative path string or leads anywhere outside ``root``."""
+def inside(root: str | os.PathLike, rel: object, follow_links: bool = True) -> str | None:
+    """The resolved path of ``rel`` under folder ``root``, or None when ``rel`` is not a relative path string or
+    leads anywhere outside ``root``. ``follow_links=False`` judges the name alone (absolute, ``..``), for a caller
+    that meets links on disk itself and refuses them (the export's check of the folder it replaces)."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\0" in rel:
         return None
+    if not follow_links:
+        norm = os.path.normpath(rel)
+        return None if norm == ".." or norm.startswith(".." + os.sep) else os.path.join(os.path.abspath(root), norm)
     base = Path(root).resolve()
     target = (base / rel).resolve()
     try:

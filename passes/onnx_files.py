@@ -76,7 +76,8 @@ def _check_out_dir(out_dir: str, overwrite: bool, ignore: Sequence[str]) -> list
         raise ExportError(f"cannot export to {out_dir}: the directory is not empty and is not a previous lwcompile "
                           f"export (no {MANIFEST} with \"format\": \"{MARKER}/...\"); it holds {_few(entries)}. "
                           "lwcompile never deletes files it did not write: choose a new or empty directory.")
-    outside = sorted(f for f in written_files(manifest) if inside(path, f) is None)
+    # by name only: a link on disk is foreign_entries' to report
+    outside = sorted(f for f in written_files(manifest) if inside(path, f, follow_links=False) is None)
     if outside:  # such a manifest was not written by lwcompile: nothing it names is trusted, nothing replaced
         raise ExportError(f"cannot export to {out_dir}: its {MANIFEST} lists paths outside the directory "
                           f"({_few(outside)}), which no lwcompile export writes; it was left alone. Move the "
