@@ -146,9 +146,42 @@ def _outer(fresh: OuterOptimizer | None, saved: Any) -> OuterOptimizer | None:
         raise LwcompileError("checkpoint outer optimizer state " + ("is missing" if saved is None else "is present") +
                              " but this program " + ("has" if fresh is not None else "has no") + " outer optimizer.")
     if fresh is not None:
+        _check_outer_slots(fresh, saved)
         try:  # the copy keeps the caller's dict untouched: torch optimizers alias and update loaded tensors in place
             fresh.load_state_dict(copy.deepcopy(dict(saved)))
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise LwcompileError(f"checkpoint outer optimizer state does not fit this program's "
                                  f"{type(fresh.optimizer).__name__}: {e}") from e
     return fresh
+
+
+_SCALAR_SLOTS = ("step",)  # the one slot of sgd/momentum/adam/adamw/rmsprop that is not shaped like its parameter
+
+
+def _check_outer_slots(fresh: OuterOptimizer, saved: Any) -> None:
+    """Every saved tensor slot (``exp_avg``, ``momentum_buffer``, ...) must have its parameter's shape and dtype,
+    as the inner state must: torch's ``load_state_dict`` takes any shape (each later step would then fail inside
+    ``torch.optim``) and casts any dtype."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping) \
+            or not isinstance(saved.get("param_groups"), (list, tuple)):
+        raise LwcompileError("checkpoint outer optimizer state is not a torch optimizer state_dict "
+                             "({'state': ..., 'param_groups': [...]}).")
+    ids = [i for g in saved["param_groups"] if isinstance(g, Mapping) for i in (g.get("params") or [])]
+    params = [p for g in fresh.optimizer.param_groups for p in g["params"]]
+    if len(ids) != len(params):
+        raise LwcompileError(f"checkpoint outer optimizer state steps {len(ids)} parameters but this program's "
+                             f"{type(fresh.optimizer).__name__} steps {len(params)} ({', '.join(fresh.names)}).")
+    where = {i: k for k, i in enumerate(ids)}
+    for i, slots in saved["state"].items():
+        if i not in where or not isinstance(slots, Mapping):
+            raise LwcompileError(f"checkpoint outer optimizer state has an entry {i!r} for no parameter.")
+        k = where[i]
+        p, name = params[k], fresh.names[k] if k < len(fresh.names) else str(k)
+        for slot, t in slots.items():
+            if slot in _SCALAR_SLOTS or t is None or not isinstance(t, torch.Tensor):
+                continue
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise LwcompileError(
+                    f"checkpoint outer optimizer state of parameter {name!r}, slot {slot!r}, is {list(t.shape)} "
+                    f"{t.dtype}, but {name!r} is {list(p.shape)} {p.dtype}: the checkpoint does not fit this "
+                    "program; load the one saved from it.")

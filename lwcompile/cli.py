@@ -259,13 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 on success, 1 on an lwcompile error)."""
+    """Run the command line; returns the exit status (0 on success, 1 on an lwcompile error, 2 on an unusable file
+    or argument)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except LwcompileError as e:
         print(f"lwcompile {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return int(getattr(e, "exit_status", 1))
 
 
 if __name__ == "__main__":

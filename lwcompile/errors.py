@@ -36,6 +36,13 @@ class DistributedError(LwcompileError, RuntimeError):
     """A rank failed, hung or lost its connection during distributed training; names the rank and the phase."""
 
 
+class FileError(ConfigError):
+    """A file or folder given to lwcompile cannot be used: ``"<path>: <problem>"``. The command line exits 2 on it, as
+    on any other unusable argument."""
+
+    exit_status = 2
+
+
 def first_line(e: BaseException) -> str:
     """``"TypeName: first line of the message"``, for errors that quote an underlying one."""
     msg = str(e).strip().splitlines()

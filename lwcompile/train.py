@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from lwcompile.config import Config
-from lwcompile.errors import ConfigError
+from lwcompile.errors import ConfigError, FileError, first_line
 from lwcompile.train_data import Batches, evaluate, make_batches
-from lwcompile.train_output import write_checkpoint, write_csv, write_png
+from lwcompile.train_output import check_writable, write_checkpoint, write_csv, write_png
 
 CHECKPOINT_FORMAT = "lwcompile-train/1"
 
@@ -167,6 +167,7 @@ def train(job: TrainJob, options: TrainOptions) -> TrainResult:
         value = getattr(options, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ConfigError(f"{name}={value!r}: must be an int >= {low}.")
+    check_writable(out, [p.name for p in paths.values()])  # now, not after the whole run
     data = make_batches(job.train_data, job.batch_size, job.seed, "train_data")
     evals = None if job.eval_data is None else make_batches(job.eval_data, job.batch_size or 1000, job.seed,
                                                             "eval_data")
@@ -282,17 +283,49 @@ def saved_options(path: str | os.PathLike) -> dict[str, Any]:
     return dict(_read(path)["options"])
 
 
+_LOOP_KEYS = ("epoch", "batch", "step", "curve", "epoch_rng", "rng")
+
+
 def _read(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked to be one of lwcompile train's; :class:`FileError` naming the file and
+    the problem otherwise (damaged, truncated, not torch's, another program's)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--resume {path}: no such file; pass a checkpoint.pt written by lwcompile train.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileError(f"{path}: no such file; pass a checkpoint.pt written by lwcompile train to --resume.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a zip reader's RuntimeError, an unpickler's error, EOFError, ...: all mean unreadable
+        raise FileError(f"{path}: not a readable checkpoint (damaged, truncated or not written by torch.save: "
+                        f"{first_line(e)}); pass a checkpoint.pt written by lwcompile train to --resume.") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"--resume {path}: not a checkpoint of lwcompile train (format {CHECKPOINT_FORMAT}).")
+        raise FileError(f"{path}: not a checkpoint of lwcompile train (format {CHECKPOINT_FORMAT}); pass a "
+                        "checkpoint.pt written by lwcompile train to --resume.")
+    kinds = {"model": dict, "program": dict, "loop": dict, "options": dict}
+    bad = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+    bad += [f"loop.{k}" for k in _LOOP_KEYS if isinstance(state.get("loop"), dict) and k not in state["loop"]]
+    if bad:
+        raise FileError(f"{path}: a damaged checkpoint of lwcompile train: {', '.join(bad)} missing or malformed.")
     return state
 
 
 def _load_checkpoint(path: str | os.PathLike, model: nn.Module, prog: Any) -> dict[str, Any]:
+    """Load checkpoint ``path`` into ``model`` and ``prog``, or refuse (:class:`FileError`) changing neither."""
+    from lwcompile.errors import LwcompileError
+
     state = _read(path)
-    model.load_state_dict(state["model"])
-    prog.load_state_dict(state["program"])
+    now, saved = model.state_dict(), state["model"]
+    problems = [f"{k} missing" for k in now if k not in saved] + [f"unexpected {k}" for k in saved if k not in now]
+    problems += [f"{k} is {_layout(saved[k])} in the checkpoint but {_layout(v)} here" for k, v in now.items()
+                 if k in saved and (not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape)]
+    if problems:
+        raise FileError(f"{path}: saved from another model ({'; '.join(problems[:5])}"
+                        f"{'; ...' if len(problems) > 5 else ''}); resume it with the job it was saved from.")
+    try:  # the program checks everything before it changes anything, so it goes first
+        prog.load_state_dict(state["program"])
+    except LwcompileError as e:
+        raise FileError(f"{path}: {e}") from e
+    model.load_state_dict(saved)
     return dict(state["loop"])
+
+
+def _layout(t: Any) -> str:
+    return f"{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

@@ -27,6 +27,39 @@ from typing import IO, Any
 
 import torch
 
+from lwcompile.errors import FileError
+
+
+def check_writable(out_dir: str | os.PathLike, names: Sequence[str]) -> None:
+    """Refuse, before any training, an output folder the run could not write its files ``names`` into at the end.
+
+    Raises :class:`~lwcompile.errors.FileError` (``"<path>: <problem>"``) when ``out_dir`` or a folder above it
+    is not a folder, when the folder to create it in (or it) is not writable, or when an output name is a folder.
+
+    Example:
+        >>> open("a_file", "w").close()
+        >>> check_writable("a_file", ["curve.csv"])
+        Traceback (most recent call last):
+        lwcompile.errors.FileError: a_file: exists and is not a folder; pass a folder (or a new name) to --out.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise FileError(f"{out}: exists and is not a folder; pass a folder (or a new name) to --out.")
+        for name in names:
+            if (out / name).is_dir():
+                raise FileError(f"{out / name}: is a folder; lwcompile train writes a file of that name there.")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise FileError(f"{out}: not writable; pass a folder you can write to --out.")
+        return
+    parent = out.parent  # the nearest existing folder above: it is where the run's mkdir will happen
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileError(f"{out}: cannot be created, {parent} is not a folder; pass another --out.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileError(f"{out}: cannot be created, {parent} is not writable; pass another --out.")
+
 
 @contextlib.contextmanager
 def _atomic(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:

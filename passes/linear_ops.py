@@ -217,29 +217,36 @@ def _conv_apply(nd):
 
 
 def _conv_weight_grad_core(nd, x, r, k, stride, padding, dilation, groups):
-    """∂/∂W of Σ r·conv(x, W): a convolution of x by r with the roles of stride and dilation swapped.
+    """∂/∂W of Σ r·conv(x, W) as one forward convolution (the ONNX lowering of ``aten.convolution_backward``).
 
-    Batch and channel axes are swapped so the batch sums inside the conv; groups run one at a time.
-    Returns (C_out, C_in/groups, *k).
+    A convolution of x by r with the roles of stride and dilation swapped; the batch becomes the convolution's input
+    channels so it sums inside, and every group is one group of a single grouped convolution (input channels ordered
+    (group, example), output channels (group, C_out/groups)): no loop over groups. Returns (C_out, C_in/groups, *k).
     """
-    conv = _CONV[nd]
-    cin, cout = x.shape[1] // groups, r.shape[1] // groups
-    parts = []
-    for g in range(groups):
-        xg = x[:, g * cin:(g + 1) * cin].transpose(0, 1)  # (Cin_g, N, *S)
-        rg = r[:, g * cout:(g + 1) * cout].transpose(0, 1)  # (Cout_g, N, *So)
-        dw = conv(xg, rg, None, dilation, padding, stride)  # (Cin_g, Cout_g, *k')
-        for d in range(nd):  # drop the extra positions a non-divisible stride leaves
-            dw = dw.narrow(2 + d, 0, k[d])
-        parts.append(dw.transpose(0, 1))
-    return parts[0] if groups == 1 else torch.cat(parts, 0)
+    n, cin, cout = x.shape[0], x.shape[1] // groups, r.shape[1] // groups
+    xs = x.reshape(n, groups, cin, *x.shape[2:]).transpose(0, 2).reshape(cin, groups * n, *x.shape[2:])
+    rs = r.reshape(n, groups, cout, *r.shape[2:]).movedim(0, 2).reshape(groups * cout, n, *r.shape[2:])
+    dw = _CONV[nd](xs, rs, None, dilation, padding, stride, groups)  # (C_in/groups, C_out, *k')
+    for d in range(nd):  # drop the extra positions a non-divisible stride leaves
+        dw = dw.narrow(2 + d, 0, k[d])
+    return dw.transpose(0, 1)
+
+
+def _conv_weight_grad(x, r, w_shape, stride, padding, dilation, groups, transposed=False, output_padding=None):
+    """∂/∂W of Σ r·convNd(x, W) (or conv_transposeNd) as one ``aten.convolution_backward`` asking only for the
+    weight: torch's own grouped kernel (a Python loop over groups made a depthwise conv of C channels C convolutions
+    in the traced graph); ONNX export lowers it with :func:`_conv_weight_grad_core`."""
+    nd = x.dim() - 2
+    weight = x.new_empty(tuple(w_shape))  # read for its shape only
+    return aten.convolution_backward.default(
+        r, x, weight, None, list(stride), list(padding), list(dilation), transposed,
+        list(output_padding if output_padding is not None else (0,) * nd), groups, [False, True, False])[1]
 
 
 def _conv_grad(nd):
     def grad(x, r, w_shape, attrs, has_bias):
         x, padding = _pad_input(x, attrs)
-        dW = _conv_weight_grad_core(nd, x, r, tuple(w_shape[2:]), attrs["stride"], padding,
-                                    attrs["dilation"], attrs["groups"])
+        dW = _conv_weight_grad(x, r, w_shape, attrs["stride"], padding, attrs["dilation"], attrs["groups"])
         db = r.sum(dim=[0] + list(range(2, r.dim()))) if has_bias else None
         return dW, db
 
@@ -259,12 +266,9 @@ def _conv_t_apply(nd):
 
 
 def _conv_t_grad(nd):
-    # conv_transpose is the adjoint of conv in its input, so its weight gradient is the conv weight
-    # gradient with input and residual exchanged; the (C_in, C_out/groups) layout then comes out right.
     def grad(x, r, w_shape, attrs, has_bias):
-        g = attrs["groups"]
-        dW = _conv_weight_grad_core(nd, r, x, tuple(w_shape[2:]), attrs["stride"], attrs["padding"],
-                                    attrs["dilation"], g)
+        dW = _conv_weight_grad(x, r, w_shape, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"],
+                               transposed=True, output_padding=attrs["output_padding"])
         db = r.sum(dim=[0] + list(range(2, r.dim()))) if has_bias else None
         return dW, db
 

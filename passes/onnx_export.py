@@ -35,6 +35,7 @@ import onnx
 import torch
 
 from lwcompile.errors import ExportError
+from lwcompile.safe_paths import ordinary_mode
 from lwcompile.passes.onnx_decomp import (MAX_IR_VERSION, GraphWrapper, dynamo_export, export_decompositions,
                                           UnsupportedOpsError, placeholder_names, prepare_graph,
                                           translate_prepared)
@@ -202,6 +203,7 @@ def _atomic_save(model: onnx.ModelProto, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=d)
     os.close(fd)
     try:
+        ordinary_mode(tmp)  # mkstemp's 0600 would stay with the graph: give it what open() gives any other file
         onnx.save_model(model, tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -33,6 +33,7 @@ import torch
 from lwcompile.errors import ExportError
 from lwcompile.passes.onnx_training import export_training_artifacts
 from lwcompile.ir import MUTATED_PREFIX
+from lwcompile.safe_paths import inside
 
 __all__ = ["FORMAT", "MARKER", "MANIFEST", "GraphExport", "TrainingExport", "describe_model", "export_onnx_dir",
            "check_out_dir", "staged_dir"]
@@ -75,6 +76,12 @@ def _check_out_dir(out_dir: str, overwrite: bool, ignore: Sequence[str]) -> list
         raise ExportError(f"cannot export to {out_dir}: the directory is not empty and is not a previous lwcompile "
                           f"export (no {MANIFEST} with \"format\": \"{MARKER}/...\"); it holds {_few(entries)}. "
                           "lwcompile never deletes files it did not write: choose a new or empty directory.")
+    # by name only: a link on disk is foreign_entries' to report
+    outside = sorted(f for f in written_files(manifest) if inside(path, f, follow_links=False) is None)
+    if outside:  # such a manifest was not written by lwcompile: nothing it names is trusted, nothing replaced
+        raise ExportError(f"cannot export to {out_dir}: its {MANIFEST} lists paths outside the directory "
+                          f"({_few(outside)}), which no lwcompile export writes; it was left alone. Move the "
+                          "directory away or choose another one.")
     extra = foreign_entries(path, manifest, ignore)
     if extra:
         hint = "" if overwrite else " (even with overwrite=True it would not be replaced)"

@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from lwcompile.errors import ExportError
+from lwcompile.safe_paths import ordinary_mode
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.local_losses import LOSS_RULES
 from lwcompile.passes.onnx_decomp import prepare_graph, quiet, translate_prepared
@@ -192,6 +193,7 @@ def _generate(base: onnx.ModelProto, params: list[str], loss, optim, out_dir: st
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
     try:
+        ordinary_mode(tmp)  # it becomes out_dir: mkdtemp's 0700 would make the artifacts private
         with quiet(), _ort_log_level(3):
             ort_artifacts.generate_artifacts(base, requires_grad=params, frozen_params=[], loss=loss,
                                              optimizer=optim, artifact_directory=tmp)

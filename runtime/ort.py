@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lwcompile.config import Config
-from lwcompile.errors import LwcompileError, NonFiniteError
+from lwcompile.errors import FileError, LwcompileError, NonFiniteError
+from lwcompile.safe_paths import inside
 from lwcompile.schedule import schedule_factor
 from lwcompile.runtime import ort_state
 from lwcompile.runtime.ort_optim import NumpyOptimizer, make_numpy_optimizer
@@ -74,6 +75,7 @@ class OrtProgram:
         path = os.path.join(self.dir, "manifest.json")
         if not os.path.isfile(path):
             raise LwcompileError(f"{self.dir}: no manifest.json; write the directory with prog.export_onnx(dir).")
+        path = self._path("manifest.json")
         with open(path) as fh:
             self.manifest = json.load(fh)
         prog = self.manifest.get("program")
@@ -94,10 +96,10 @@ class OrtProgram:
         self.inner_state = {b["name"]: tuple(state[k] for k in b["state"]) for b in prog["blocks"]}
         self.outer = self._make_outer()
         files = {f["file"]: f for f in self.manifest["files"]}
-        self._target = OrtGraph(os.path.join(self.dir, prog["target"]["file"]), threads=threads)
+        self._target = OrtGraph(self._path(prog["target"]["file"]), threads=threads)
         self._mutates = files[prog["target"]["file"]].get("mutates", {})
-        self._inner = {b["name"]: OrtGraph(os.path.join(self.dir, b["file"]), threads=threads) for b in prog["blocks"]}
-        self._training = {b["name"]: OrtTrainingBlock(os.path.join(self.dir, b["training"]))
+        self._inner = {b["name"]: OrtGraph(self._path(b["file"]), threads=threads) for b in prog["blocks"]}
+        self._training = {b["name"]: OrtTrainingBlock(self._path(b["training"]))
                           for b in prog["blocks"] if inner == "training" and b.get("training")}
         self._check_artifact_optimizers()
 
@@ -118,10 +120,20 @@ class OrtProgram:
                                  "state from earlier steps, which onnxruntime-training's optimizer cannot be given (it "
                                  "starts at zero); use inner='graphs', which continues exactly from it.")
 
+    def _path(self, rel: Any) -> str:
+        """``rel`` from the manifest, resolved inside the directory: never a file elsewhere (an absolute path,
+        ``..`` or a link leading out is refused)."""
+        path = inside(self.dir, rel)
+        if path is None:
+            raise FileError(f"{os.path.join(self.dir, 'manifest.json')}: the path {rel!r} leads outside {self.dir}; "
+                            "an export only refers to files inside its directory, so this manifest was not written by "
+                            "lwcompile (or was changed): export the directory again with prog.export_onnx(dir).")
+        return path
+
     def _load(self, fname: str, names: Sequence[str]) -> dict[str, np.ndarray]:
         if not names:
             return {}
-        with np.load(os.path.join(self.dir, fname)) as z:
+        with np.load(self._path(fname)) as z:
             missing = [n for n in names if n not in z.files]
             if missing:
                 raise LwcompileError(f"{self.dir}/{fname} lacks {missing[:5]}; export the directory again.")
@@ -133,7 +145,7 @@ class OrtProgram:
             return None
         opt = make_numpy_optimizer(outer["optimizer"], outer["lr"], outer.get("options"))
         if outer.get("state_file"):
-            with np.load(os.path.join(self.dir, outer["state_file"])) as z:
+            with np.load(self._path(outer["state_file"])) as z:
                 slots: dict[str, dict[str, np.ndarray]] = {}
                 for key in z.files:
                     name, slot = key.rsplit("/", 1)

@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lwcompile.errors import LwcompileError
+from lwcompile.errors import FileError, LwcompileError
+from lwcompile.safe_paths import inside
 from lwcompile.ir import MUTATED_PREFIX
 
 
@@ -128,13 +129,17 @@ class OrtTrainingBlock:
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
         d = str(artifacts_dir)
         self.dir = d
-        with open(os.path.join(d, "lwblock.json")) as fh:
+        path = {}
+        for name in ("lwblock.json", "checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+            path[name] = inside(d, name)  # a link leading out of the artifacts folder is never followed
+            if path[name] is None:
+                raise FileError(f"{os.path.join(d, name)}: leads outside {d}; export the directory again.")
+        with open(path["lwblock.json"]) as fh:
             self.info = json.load(fh)
         _ort().set_default_logger_severity(3)
-        self.state = CheckpointState.load_checkpoint(os.path.join(d, "checkpoint"))
-        self.module = Module(os.path.join(d, "training_model.onnx"), self.state,
-                             os.path.join(d, "eval_model.onnx"), device="cpu")
-        self.optimizer = Optimizer(os.path.join(d, "optimizer_model.onnx"), self.module)
+        self.state = CheckpointState.load_checkpoint(path["checkpoint"])
+        self.module = Module(path["training_model.onnx"], self.state, path["eval_model.onnx"], device="cpu")
+        self.optimizer = Optimizer(path["optimizer_model.onnx"], self.module)
         self.params = list(self.info["params"])
         self.input_names = list(self.module.input_names())
 

@@ -157,15 +157,15 @@ def test_existing_outputs_are_never_replaced_unless_asked(jobs, tmp_path, capsys
     assert [r["step"] for r in read_csv(out / "curve.csv")] == ["0", "1", "2", "3", "4"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["{jobs}:not_a_job"], "must return an lwcompile.TrainJob"),
-    (["{jobs}:tensors", "--arg", "nope=1"], "check the --arg names"),
-    (["{jobs}:tensors", "--config", "inner_lr=-1"], "Config.inner_lr=-1"),
-    (["{jobs}:tensors", "--resume", "{tmp}/missing.pt"], "no such file"),
+@pytest.mark.parametrize("argv,message,status", [
+    (["{jobs}:not_a_job"], "must return an lwcompile.TrainJob", 1),
+    (["{jobs}:tensors", "--arg", "nope=1"], "check the --arg names", 1),
+    (["{jobs}:tensors", "--config", "inner_lr=-1"], "Config.inner_lr=-1", 1),
+    (["{jobs}:tensors", "--resume", "{tmp}/missing.pt"], "missing.pt: no such file", 2),  # an unusable file: 2
 ])
-def test_bad_jobs_and_options_are_refused_clearly(jobs, tmp_path, capsys, argv, message):
+def test_bad_jobs_and_options_are_refused_clearly(jobs, tmp_path, capsys, argv, message, status):
     argv = [a.format(jobs=jobs, tmp=tmp_path) for a in argv]
-    assert main(["train", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert main(["train", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == status
     assert message in capsys.readouterr().err
 
 
