@@ -116,6 +116,8 @@ outputs (in --out)
                   the uninterrupted run's exactly
   Ctrl-C finishes the current step, writes all three and exits with status 130; a second Ctrl-C abandons the
   step instead (a step is atomic). Existing outputs are never replaced unless --resume or --overwrite.
+  An --out that cannot be written, or a --resume file that is not an intact checkpoint of this job, is refused
+  before the first step with exit status 2 (other errors: 1).
 
 examples
   lwcompile train lwcompile.experiments.jobs:digits_classifier --epochs 5
