@@ -12,6 +12,7 @@ table, shapes as lists of ints), and the failure note after a failed step travel
 A malformed message raises :class:`DistributedError`; it cannot run code on the receiver.
 * ``agree(error, checksum, loss)``: one all-reduce per step; every rank learns whether any rank failed (and
   why), whether all ranks were given the same batch, and the loss of the rank that computed it.
+* ``all_reduce(tensors, failed)``: sums over ranks (one transfer per dtype), with a "some rank failed" flag.
 * ``broadcast(tensors, src)``: ``src``'s tensors copied into every rank's tensors of the same shapes.
 
 Example (inside an initialised process group of two ranks)::
@@ -210,6 +211,22 @@ class Comm:
             with torch.no_grad():
                 for t, new in zip(tensors, _unpack(buffers, [(t.shape, t.dtype) for t in tensors])):
                     t.copy_(new)
+
+    def all_reduce(self, tensors: Sequence[torch.Tensor], failed: bool = False) -> tuple[list[torch.Tensor], bool]:
+        """The sums over ranks of ``tensors`` (new tensors, same shapes) and whether any rank passed ``failed``.
+
+        One all-reduce per dtype (the flag rides in the float64 buffer). A rank that failed locally still calls
+        this (with zeros) so the others learn it at once instead of waiting for the timeout; the caller then
+        calls :meth:`agree` to raise everywhere with the failing rank's note."""
+        flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64)
+        items = [*tensors, flag]
+        buffers = _pack(items, self.device)  # a dtype's only tensor may come back as itself: never reduce in place
+        buffers = [b.clone() if any(b.data_ptr() == t.data_ptr() for t in items) else b for b in buffers]
+        with self.guard("the other ranks (all-reduce)"):
+            for b in buffers:
+                self._wait(dist.all_reduce(b, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        out = [t.to(self.home) for t in _unpack(buffers, [(t.shape, t.dtype) for t in items])]
+        return out[:-1], bool(out[-1].item() > 0)
 
     def check_same(self, what: str, value: float) -> None:
         """Raise on every rank unless all ranks pass the same ``value`` (e.g. a hash of the plan)."""
