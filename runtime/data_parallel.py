@@ -81,7 +81,7 @@ def allreduce_bytes(prog: Any) -> dict[str, int]:
         >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> allreduce_bytes(lwcompile.transform(m, torch.nn.functional.mse_loss, torch.randn(5, 3),
         ...                 lwcompile.Config(steps=2)))["blocks"]
-        224
+        208
     """
     gm = prog.trace_result.graph_module
     nonblock = sum(gm.get_parameter(n).numel() * gm.get_parameter(n).element_size() for n in prog.nonblock)
