@@ -3,11 +3,16 @@
 Every call waits at most ``timeout`` seconds; a peer that hangs, dies or reports a failure turns into a
 :class:`DistributedError` that names the rank, the peer and the phase, instead of a hang.
 
-* ``send(dst, values)`` / ``recv(src)``: a message is a list of values (tensors, or any picklable object, or
-  pytrees of them), or a failure note in place of the values. Two transfers per message on the common path: a
-  fixed-size header (status, pickled metadata) and one flat buffer per dtype.
+* ``send(dst, values)`` / ``recv(src)``: a message is a list of values (tensors, or plain JSON values: None, bool,
+  int, float, str, or pytrees of them), or a failure note in place of the values. Two transfers per message on the
+  common path: a fixed-size header (status and metadata as JSON) and one flat buffer per dtype.
+
+Nothing a peer sends is unpickled: metadata is JSON decoded by a strict reader (dtypes by name from a fixed
+table, shapes as lists of ints), and the failure note after a failed step travels as UTF-8 bytes in a tensor.
+A malformed message raises :class:`DistributedError`; it cannot run code on the receiver.
 * ``agree(error, checksum, loss)``: one all-reduce per step; every rank learns whether any rank failed (and
   why), whether all ranks were given the same batch, and the loss of the rank that computed it.
+* ``all_reduce(tensors, failed)``: sums over ranks (one transfer per dtype), with a "some rank failed" flag.
 * ``broadcast(tensors, src)``: ``src``'s tensors copied into every rank's tensors of the same shapes.
 
 Example (inside an initialised process group of two ranks)::
@@ -20,8 +25,8 @@ Example (inside an initialised process group of two ranks)::
 """
 from __future__ import annotations
 
+import json
 import math
-import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -34,8 +39,12 @@ from torch.utils import _pytree as pytree
 from lwcompile.errors import DistributedError
 
 HEADER_BYTES = 4096  # one transfer carries the status and the metadata of a typical message
-
-
+NOTE_BYTES = 2048  # a failure note is cut to this many UTF-8 bytes
+MAX_HEADER = 1 << 26  # a declared metadata length above this is a corrupt or hostile message
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128, torch.int64,
+    torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+_PLAIN = (type(None), bool, int, float, str)
 
 
 class RemoteFailure(str):
@@ -100,13 +109,18 @@ class Comm:
             leaf_meta = []
             for leaf in leaves:
                 if isinstance(leaf, torch.Tensor):
-                    leaf_meta.append(("t", tuple(leaf.shape), leaf.dtype, bool(leaf.requires_grad)))
+                    if _dtype_name(leaf.dtype) not in _DTYPES:
+                        raise DistributedError(f"{self._where()}: cannot send a tensor of dtype {leaf.dtype}.")
+                    leaf_meta.append(["t", list(leaf.shape), _dtype_name(leaf.dtype), bool(leaf.requires_grad)])
                     tensors.append(leaf.detach())
-                else:
-                    leaf_meta.append(("o", leaf))
-            meta.append((None if spec.is_leaf() else pytree.treespec_dumps(spec), leaf_meta))
+                elif isinstance(leaf, _PLAIN):
+                    leaf_meta.append(["o", leaf])
+                else:  # only plain values travel: the receiver decodes JSON, never pickles
+                    raise DistributedError(f"{self._where()}: cannot send a {type(leaf).__name__} to rank {dst}; "
+                                           "messages carry tensors and plain values (None, bool, int, float, str).")
+            meta.append([None if spec.is_leaf() else pytree.treespec_dumps(spec), leaf_meta])
         buffers = _pack(tensors, self.device)
-        blob = pickle.dumps((failure, meta, [(b.dtype, b.numel()) for b in buffers]))
+        blob = json.dumps([failure, meta, [[_dtype_name(b.dtype), b.numel()] for b in buffers]]).encode()
         with self.guard(f"rank {dst} (sending to it)"):
             for t in [*_header(blob, self.device), *buffers]:
                 self._wait(dist.isend(t, group=self.group, group_dst=dst))
@@ -119,12 +133,14 @@ class Comm:
             self._wait(dist.irecv(head, group=self.group, group_src=src))
             head_bytes = head.cpu().numpy().tobytes()
             n = int.from_bytes(head_bytes[:8], "little")
+            if n > MAX_HEADER:
+                raise DistributedError(f"{self._where()}: rank {src} sent a malformed message header.")
             raw = head_bytes[8:8 + n]
             if n > HEADER_BYTES - 8:
                 rest = torch.empty(n - (HEADER_BYTES - 8), dtype=torch.uint8, device=self.device)
                 self._wait(dist.irecv(rest, group=self.group, group_src=src))
                 raw += rest.cpu().numpy().tobytes()
-            failure, meta, layout = pickle.loads(raw)
+            failure, meta, layout = _decode(raw, src, self._where())
             buffers = [torch.empty(numel, dtype=dtype, device=self.device) for dtype, numel in layout]
             for b in buffers:
                 self._wait(dist.irecv(b, group=self.group, group_src=src))
@@ -164,9 +180,14 @@ class Comm:
         vec = vec.cpu()
         failed = [r for r in range(w) if vec[r] > 0]
         if failed:
-            note = [_describe(error) if self.rank == failed[0] else None]
+            buf = torch.zeros(NOTE_BYTES, dtype=torch.uint8)
+            if self.rank == failed[0]:  # UTF-8 bytes in a tensor: nothing to unpickle on the other ranks
+                data = _describe(error).encode("utf-8", "replace")[:NOTE_BYTES]
+                buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            buf = buf.to(self.device)
             with self.guard(f"rank {failed[0]} (its failure note)"):
-                dist.broadcast_object_list(note, group=self.group, group_src=failed[0], device=self.device)
+                self._wait(dist.broadcast(buf, group=self.group, group_src=failed[0], async_op=True))
+            note = [bytes(buf.cpu().numpy().tobytes()).rstrip(b"\0").decode("utf-8", "replace")]
             if isinstance(error, BaseException):
                 raise error
             others = f" (ranks {failed} failed)" if len(failed) > 1 else ""
@@ -191,6 +212,22 @@ class Comm:
                 for t, new in zip(tensors, _unpack(buffers, [(t.shape, t.dtype) for t in tensors])):
                     t.copy_(new)
 
+    def all_reduce(self, tensors: Sequence[torch.Tensor], failed: bool = False) -> tuple[list[torch.Tensor], bool]:
+        """The sums over ranks of ``tensors`` (new tensors, same shapes) and whether any rank passed ``failed``.
+
+        One all-reduce per dtype (the flag rides in the float64 buffer). A rank that failed locally still calls
+        this (with zeros) so the others learn it at once instead of waiting for the timeout; the caller then
+        calls :meth:`agree` to raise everywhere with the failing rank's note."""
+        flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64)
+        items = [*tensors, flag]
+        buffers = _pack(items, self.device)  # a dtype's only tensor may come back as itself: never reduce in place
+        buffers = [b.clone() if any(b.data_ptr() == t.data_ptr() for t in items) else b for b in buffers]
+        with self.guard("the other ranks (all-reduce)"):
+            for b in buffers:
+                self._wait(dist.all_reduce(b, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        out = [t.to(self.home) for t in _unpack(buffers, [(t.shape, t.dtype) for t in items])]
+        return out[:-1], bool(out[-1].item() > 0)
+
     def check_same(self, what: str, value: float) -> None:
         """Raise on every rank unless all ranks pass the same ``value`` (e.g. a hash of the plan)."""
         vec = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
@@ -199,6 +236,42 @@ class Comm:
         if float(vec[0]) != -float(vec[1]):
             raise DistributedError(f"{self._where()}: the ranks disagree on {what}; build the same program and "
                                    "plan on every rank (same model, config and devices).")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _decode(raw: bytes, src: int, where: str) -> tuple[str | None, list, list[tuple[torch.dtype, int]]]:
+    """Parse and validate a message header (JSON); anything unexpected is a DistributedError, never executed."""
+    def bad(why: str) -> DistributedError:
+        return DistributedError(f"{where}: rank {src} sent a malformed message ({why}).")
+
+    try:
+        failure, meta, layout = json.loads(raw.decode("utf-8"))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise bad(f"header is not the expected JSON: {type(e).__name__}") from None
+    if failure is not None and not isinstance(failure, str):
+        raise bad("failure note is not a string")
+    dtypes = []
+    for entry in layout if isinstance(layout, list) else [None]:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in _DTYPES and type(entry[1]) is int
+                and entry[1] >= 0):
+            raise bad("buffer layout")
+        dtypes.append((_DTYPES[entry[0]], entry[1]))
+    for item in meta if isinstance(meta, list) else [None]:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)
+                and (item[0] is None or isinstance(item[0], str))):
+            raise bad("value metadata")
+        for i, m in enumerate(item[1]):
+            if (isinstance(m, list) and len(m) == 4 and m[0] == "t" and isinstance(m[1], list)
+                    and all(type(d) is int and d >= 0 for d in m[1]) and m[2] in _DTYPES and isinstance(m[3], bool)):
+                item[1][i] = ("t", tuple(m[1]), _DTYPES[m[2]], m[3])
+            elif isinstance(m, list) and len(m) == 2 and m[0] == "o" and isinstance(m[1], _PLAIN):
+                item[1][i] = ("o", m[1])
+            else:
+                raise bad("leaf metadata")
+    return failure, meta, dtypes
 
 
 def _describe(error: BaseException | str | None) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import zlib
 from collections.abc import Mapping
@@ -64,7 +65,32 @@ def init_from_env(backend: str | None = None, timeout: float = 60.0) -> None:
                           "`torchrun --nproc-per-node N script.py`, or call torch.distributed.init_process_group.")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout)))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, float(timeout))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=float(timeout)))
+
+
+def _store(addr: str, port: int, rank: int, world: int, timeout: float) -> dist.TCPStore:
+    """The rendezvous store, its server (rank 0) listening on ``addr`` only (loopback by default).
+
+    torch's own TCPStore server binds every interface whatever MASTER_ADDR says; handing it a socket bound to
+    ``addr`` keeps a single-machine job off the network. Under torchrun the agent already runs the store (ranks
+    connect as clients)."""
+    delta = timedelta(seconds=timeout)
+    if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return dist.TCPStore(addr, port, world, False, delta)
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((addr, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"rank 0 cannot listen on MASTER_ADDR={addr}:{port} ({e}); pick a free MASTER_PORT, "
+                          "and a MASTER_ADDR that is this machine's.") from e
+    sock.listen(128)
+    # detach: the store's server owns the descriptor from now on (closing it under the server aborts the process)
+    return dist.TCPStore(addr, port, world, True, delta, master_listen_fd=sock.detach(), use_libuv=False)
 
 
 class DistributedTrainer:
