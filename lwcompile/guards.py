@@ -32,6 +32,31 @@ class Guards:
     training: tuple[tuple[str, bool], ...]
     tensors: tuple[tuple[str, torch.Tensor, bool, tuple], ...]  # (name, tensor object, requires_grad, layout)
     attrs: tuple[tuple[str, str], ...]  # (qualified attribute, repr of its plain value)
+    hooks: tuple[tuple[str, str, tuple], ...] = ()  # (module, hook dict, ((handle id, id(fn)), ...)); global: "*"
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                 "_global_backward_hooks")
+
+
+def _hooks(prefix: str, root: nn.Module) -> list[tuple[str, str, tuple]]:
+    # The trace runs forward hooks into the graphs (passes/trace_hooks.py): one added or removed later must
+    # re-trace (or be refused there), never be skipped by graphs traced without it.
+    out = []
+    for mname, mod in root.named_modules(remove_duplicate=False):
+        for kind in _HOOKS:
+            d = getattr(mod, kind, None)
+            if d:
+                out.append((".".join(x for x in (prefix, mname) if x) or "(root)", kind,
+                            tuple((k, id(f)) for k, f in d.items())))
+    return out
+
+
+def _global_hooks() -> list[tuple[str, str, tuple]]:
+    from torch.nn.modules import module as _module
+    return [("*", kind, tuple((k, id(f)) for k, f in getattr(_module, kind).items()))
+            for kind in _GLOBAL_HOOKS if getattr(_module, kind, None)]
 
 
 def _plain(v: Any) -> bool:
@@ -57,14 +82,16 @@ def snapshot(model: nn.Module, loss_fn: Any) -> Guards:
     tensors = tuple((n, t, t.requires_grad, _layout(t)) for n, t in model.named_parameters(remove_duplicate=False))
     tensors += tuple((n, t, False, _layout(t)) for n, t in model.named_buffers(remove_duplicate=False))
     attrs = _attrs("", model)
+    hooks = _hooks("", model) + _global_hooks()
     if isinstance(loss_fn, nn.Module):
+        hooks += _hooks("loss_fn", loss_fn)
         attrs += _attrs("loss_fn", loss_fn)
         training += tuple(("loss_fn." + n, m.training) for n, m in loss_fn.named_modules(remove_duplicate=False))
         # The target graph holds the loss's tensors (CrossEntropyLoss(weight=...)) by reference: in-place edits
         # are seen, a reassigned tensor is not, so guard their identity (layout () : a re-trace absorbs any).
         held = list(loss_fn.named_parameters(remove_duplicate=False)) + list(loss_fn.named_buffers(remove_duplicate=False))
         tensors += tuple(("loss_fn." + n, t, False, ()) for n, t in held)
-    return Guards(training, tensors, tuple(attrs))
+    return Guards(training, tensors, tuple(attrs), tuple(hooks))
 
 
 def differences(old: Guards, new: Guards) -> list[str]:
@@ -84,6 +111,11 @@ def differences(old: Guards, new: Guards) -> list[str]:
             out.append(f"{n!r} was replaced by another tensor")
         elif rg0 != rg1:
             out.append(f"{n!r}.requires_grad changed to {rg1}")
+    h0, h1 = {(m, k): v for m, k, v in old.hooks}, {(m, k): v for m, k, v in new.hooks}
+    for m, k in sorted(set(h0) | set(h1)):
+        if h0.get((m, k)) != h1.get((m, k)):
+            out.append(f"the {k.strip('_').replace('_', ' ')} of module {m!r} changed" if m != "*" else
+                       f"global module {k.strip('_').replace('global_', '').replace('_', ' ')} changed")
     a0, a1 = dict(old.attrs), dict(new.attrs)
     for k in sorted(set(a0) | set(a1)):
         if a0.get(k) != a1.get(k):
