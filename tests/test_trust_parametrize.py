@@ -38,3 +38,11 @@ def test_a_parametrized_layer_is_no_block_and_the_step_is_sgds(form):
     prog = _identity(model, (x,), y, F.mse_loss)
     assert [b.name for b in prog.blocks] == ["0"]
     assert any("computed weight" in w for w in prog.warnings)
+
+
+def test_spectral_norm_in_training_mode_is_refused_by_name():
+    from lwcompile.errors import PartitionError
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), P.spectral_norm(nn.Linear(5, 3)))
+    with pytest.raises(PartitionError, match="module '2' uses spectral_norm in training mode"):
+        import lwcompile
+        lwcompile.transform(model, F.mse_loss, (torch.randn(6, 4),))
