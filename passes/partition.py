@@ -77,6 +77,12 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | st
         row = R.linear_for_module(mod)
         if row is None:
             return None
+        plist = getattr(getattr(mod, "parametrizations", None), "weight", ())
+        if mod.training and any(type(q).__name__ == "_SpectralNorm" for q in plist):
+            raise PartitionError(
+                f"module {node.target!r} uses spectral_norm in training mode: its power iteration updates the _u/_v "
+                "buffers in place at every call, which lwcompile's passes cannot reproduce exactly. Call .eval() on "
+                "it, or remove it with torch.nn.utils.parametrize.remove_parametrizations.")
         if not isinstance(getattr(mod, "weight", None), nn.Parameter):
             # torch.nn.utils.parametrize / weight_norm: the weight is computed from other parameters at each call,
             # so there is no weight tensor a local loss could step; those parameters take the backward's gradient
