@@ -312,36 +312,36 @@ class Program(ProgramTools):
             raise ConfigError("step() takes an assignment or a runner, not both.")
         if assignment is not None:
             check_runnable(assignment)  # a missing CUDA device is refused before anything runs
-        undo = rollback.snapshot(self.trace_result.graph_module, self._inner_state, self._outer, self.step_count)
+        journal = rollback.Journal(self.trace_result.graph_module, self._inner_state, self._outer, self.step_count)
         try:
             res = self.compute_targets(x, y)
-            self._check_finite("the task loss", res["loss"])
-            for name, t in res["targets"].items():
-                self._check_finite(f"the target of block {name!r}", t)
-            for name, g in res["grads"].items():
-                self._check_finite(f"the gradient of non-block parameter {name!r}", g)
+            self._check_all_finite([("the task loss", res["loss"])]
+                                   + [(f"the target of block {n!r}", t) for n, t in res["targets"].items()]
+                                   + [(f"the gradient of non-block parameter {n!r}", g)
+                                      for n, g in res["grads"].items()])
             t1 = time.perf_counter()
             jobs = self.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"])
             outs = runner.run_jobs(jobs) if runner is not None else run_jobs(jobs, assignment)
             t2 = time.perf_counter()
-            self.commit(outs, res["grads"])
+            self.commit(outs, res["grads"], journal)
         except BaseException:
-            self._inner_state, self._outer, self.step_count = rollback.restore(self.trace_result.graph_module, undo)
+            self._inner_state, self._outer, self.step_count = journal.undo()
             raise
         t3 = time.perf_counter()
         self.last_timings = {"target": t1 - t0, "inner": t2 - t1, "update": t3 - t2, "total": t3 - t0}
         self.step_count += 1
         return float(res["loss"])
 
-    def commit(self, outs: Mapping[str, Sequence[torch.Tensor]], grads: Mapping[str, torch.Tensor]) -> None:
+    def commit(self, outs: Mapping[str, Sequence[torch.Tensor]], grads: Mapping[str, torch.Tensor],
+               journal: rollback.Journal | None = None) -> None:
         """Apply a step's results: each block in ``outs`` (block name -> its inner graph's outputs) gets its new
         weights and inner state, then the outer optimizer steps the non-block parameters named in ``grads`` (after
         the block weights, so a tied weight gets its block's update plus its other uses' step). Checks that every
-        new value is finite first; not atomic by itself (``step`` is)."""
+        new value is finite first; not atomic by itself (``step`` is: it passes a ``journal`` that records what
+        this replaces, see :mod:`lwcompile.rollback`)."""
         new = {name: self.inner_signature(name).unpack(o) for name, o in outs.items()}
-        for b in self.blocks:
-            for p, v in zip(b.params, new[b.name][0] if b.name in new else ()):
-                self._check_finite(f"the new value of {p!r} (block {b.name!r})", v)
+        self._check_all_finite([(f"the new value of {p!r} (block {b.name!r})", v) for b in self.blocks
+                                for p, v in zip(b.params, new[b.name][0] if b.name in new else ())])
         with torch.no_grad():
             for b in self.blocks:
                 if b.name not in new:
@@ -349,12 +349,16 @@ class Program(ProgramTools):
                 values, state = new[b.name]
                 for p, v in zip(b.params, values):
                     if p not in b.frozen:
-                        self._param(p).copy_(v)
+                        if journal is not None:
+                            journal.replace(self._param(p), v)
+                        else:
+                            self._param(p).copy_(v)
                 self._inner_state[b.name] = tuple(state)
         if self._outer is not None and grads:
+            if journal is not None:
+                journal.before_outer_step(self._outer, {n: self._param(n) for n in grads})
             self._outer.step(grads)
-            for name in grads:
-                self._check_finite(f"the new value of non-block parameter {name!r}", self._param(name))
+            self._check_all_finite([(f"the new value of non-block parameter {n!r}", self._param(n)) for n in grads])
 
     def stage(self, block_rank: Mapping[str, int], rank: int) -> Stage:
         """Rank ``rank``'s part of the forward/target computation when block ``b`` runs on rank ``block_rank[b]``
@@ -387,11 +391,28 @@ class Program(ProgramTools):
                                   "converted model again.")
 
     def _check_finite(self, what: str, t: torch.Tensor) -> None:
-        # a NaN/inf anywhere makes the sum non-finite, so one summing pass settles the usual case; only a
-        # non-finite sum (a bad value, or finite values overflowing) needs the elementwise check (4 passes)
-        if not self.config.check_finite or (t.is_floating_point() and bool(torch.isfinite(t.sum()))):
+        self._check_all_finite([(what, t)])
+
+    def _check_all_finite(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
+        # One reduction settles the usual case for all tensors at once: the max |value| of each (NaN and inf
+        # propagate through it, and unlike a sum it cannot overflow), summed and tested once (one sync). Only a
+        # non-finite total looks at the tensors one by one to name the bad one.
+        if not self.config.check_finite:
             return
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"{what} has {bad} NaN/inf value(s); the model was left unchanged. Lower "
-                                 "Config.gamma or the learning rates, or check the inputs and the loss.")
+        ts = [t for _, t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        if not ts:
+            return
+        by_type: dict[tuple, list[torch.Tensor]] = {}
+        for t in ts:
+            by_type.setdefault((t.dtype, t.device), []).append(t)
+        ok = True
+        for group in by_type.values():
+            norms = torch._foreach_norm(group, math.inf)
+            ok = ok and bool(torch.isfinite(torch.stack(norms).sum()))
+        if ok:
+            return
+        for what, t in items:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise NonFiniteError(f"{what} has {bad} NaN/inf value(s); the model was left unchanged. Lower "
+                                     "Config.gamma or the learning rates, or check the inputs and the loss.")
