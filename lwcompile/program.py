@@ -20,7 +20,7 @@ from lwcompile.errors import ConfigError, LwcompileError, NonFiniteError, descri
 from lwcompile.guards import differences, layout_changes, snapshot
 from lwcompile.ir import Block, TraceResult, as_tuple
 from lwcompile.outer import OuterOptimizer
-from lwcompile.passes.inner import build_inner_graph, inner_example, inner_signature
+from lwcompile.passes.inner import build_inner_graph, inner_example, inner_key, inner_signature
 from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.partition import Partition
 from lwcompile.passes.signatures import InnerSignature, TargetSignature
@@ -85,6 +85,9 @@ class Program(ProgramTools):
                 "; ".join(differences(old.guards, c.guards)) + "); call lwcompile.transform again.")
         self._compiled = c
         self._inner_sigs = {b.name: inner_signature(b, self.config) for b in c.partition.blocks}
+        self._preact_sigs = {n: dataclasses.replace(s, preact=True) for n, s in self._inner_sigs.items()}
+        self._blocks_by_name = {b.name: b for b in c.partition.blocks}
+        self._inner_keys = {b.name: inner_key(b, self.config) for b in c.partition.blocks}
         self._target_cache.clear()
         self._last_target = None
 
@@ -225,7 +228,8 @@ class Program(ProgramTools):
         b = block.input_shape[0] if batch is None else batch
         dtype = self._param(block.weight).dtype if dtype is None else dtype
         xs, ts = shapes if shapes is not None else ((b, *block.input_shape[1:]), (b, *block.output_shape[1:]))
-        key = (name, tuple(xs), tuple(ts), dtype, preact)
+        # keyed by the block's structure, not its name: identical blocks share one traced graph
+        key = (self._inner_keys[block.name], tuple(xs), tuple(ts), dtype, preact)
         if key not in self._inner_cache:
             example = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts),
                                     preact=preact)
@@ -242,11 +246,12 @@ class Program(ProgramTools):
         """Block ``name``'s inner graph signature (inputs and outputs by name); ``preact`` (default
         ``Config.reuse_preactivation``): the variant that takes the pre-activation â after ``lr``."""
         preact = self.config.reuse_preactivation if preact is None else preact
-        sig = self._inner_sigs[self._block(name).name]
-        return dataclasses.replace(sig, preact=True) if preact else sig
+        self._block(name)  # the helpful KeyError
+        return self._preact_sigs[name] if preact else self._inner_sigs[name]
 
     def _block(self, name: str) -> Block:
-        for b in (b for b in self.blocks if b.name == name):
+        b = self._blocks_by_name.get(name)
+        if b is not None:
             return b
         raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.blocks]}")
 
@@ -281,6 +286,7 @@ class Program(ProgramTools):
         reuses it instead of recomputing it. With ``Config.compile_inner`` the graph's compiled callable
         (:mod:`lwcompile.runtime.compiled`) instead of the graph."""
         jobs = {}
+        lrs: dict[tuple, torch.Tensor] = {}  # one lr tensor per dtype and device, not per block
         for b in self.blocks:
             if names is not None and b.name not in names:
                 continue
@@ -290,7 +296,9 @@ class Program(ProgramTools):
             if z is not None and (z.shape != t.shape or z.dtype != t.dtype):
                 z = None  # not the graph's input layout: recompute it rather than guess
             z = z.contiguous() if z is not None else None
-            lr = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
+            lr = lrs.get((x.dtype, x.device))
+            if lr is None:
+                lr = lrs[(x.dtype, x.device)] = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
             sig = self.inner_signature(b.name, preact=z is not None)
             args = sig.pack([self._param(p).detach() for p in b.params], x, t, lr, self._inner_state[b.name], z)
             shapes = (tuple(x.shape), tuple(t.shape))
