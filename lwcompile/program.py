@@ -20,7 +20,7 @@ from lwcompile.errors import ConfigError, LwcompileError, NonFiniteError, descri
 from lwcompile.guards import differences, layout_changes, snapshot
 from lwcompile.ir import Block, TraceResult, as_tuple
 from lwcompile.outer import OuterOptimizer
-from lwcompile.passes.inner import build_inner_graph, inner_example, inner_signature
+from lwcompile.passes.inner import build_inner_graph, inner_example, inner_key, inner_signature
 from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.partition import Partition
 from lwcompile.passes.signatures import InnerSignature, TargetSignature
@@ -85,6 +85,9 @@ class Program(ProgramTools):
                 "; ".join(differences(old.guards, c.guards)) + "); call lwcompile.transform again.")
         self._compiled = c
         self._inner_sigs = {b.name: inner_signature(b, self.config) for b in c.partition.blocks}
+        self._preact_sigs = {n: dataclasses.replace(s, preact=True) for n, s in self._inner_sigs.items()}
+        self._blocks_by_name = {b.name: b for b in c.partition.blocks}
+        self._inner_keys = {b.name: inner_key(b, self.config) for b in c.partition.blocks}
         self._target_cache.clear()
         self._last_target = None
 
@@ -225,7 +228,8 @@ class Program(ProgramTools):
         b = block.input_shape[0] if batch is None else batch
         dtype = self._param(block.weight).dtype if dtype is None else dtype
         xs, ts = shapes if shapes is not None else ((b, *block.input_shape[1:]), (b, *block.output_shape[1:]))
-        key = (name, tuple(xs), tuple(ts), dtype, preact)
+        # keyed by the block's structure, not its name: identical blocks share one traced graph
+        key = (self._inner_keys[block.name], tuple(xs), tuple(ts), dtype, preact)
         if key not in self._inner_cache:
             example = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts),
                                     preact=preact)
@@ -242,11 +246,12 @@ class Program(ProgramTools):
         """Block ``name``'s inner graph signature (inputs and outputs by name); ``preact`` (default
         ``Config.reuse_preactivation``): the variant that takes the pre-activation â after ``lr``."""
         preact = self.config.reuse_preactivation if preact is None else preact
-        sig = self._inner_sigs[self._block(name).name]
-        return dataclasses.replace(sig, preact=True) if preact else sig
+        self._block(name)  # the helpful KeyError
+        return self._preact_sigs[name] if preact else self._inner_sigs[name]
 
     def _block(self, name: str) -> Block:
-        for b in (b for b in self.blocks if b.name == name):
+        b = self._blocks_by_name.get(name)
+        if b is not None:
             return b
         raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.blocks]}")
 
@@ -281,6 +286,7 @@ class Program(ProgramTools):
         reuses it instead of recomputing it. With ``Config.compile_inner`` the graph's compiled callable
         (:mod:`lwcompile.runtime.compiled`) instead of the graph."""
         jobs = {}
+        lrs: dict[tuple, torch.Tensor] = {}  # one lr tensor per dtype and device, not per block
         for b in self.blocks:
             if names is not None and b.name not in names:
                 continue
@@ -290,7 +296,9 @@ class Program(ProgramTools):
             if z is not None and (z.shape != t.shape or z.dtype != t.dtype):
                 z = None  # not the graph's input layout: recompute it rather than guess
             z = z.contiguous() if z is not None else None
-            lr = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
+            lr = lrs.get((x.dtype, x.device))
+            if lr is None:
+                lr = lrs[(x.dtype, x.device)] = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
             sig = self.inner_signature(b.name, preact=z is not None)
             args = sig.pack([self._param(p).detach() for p in b.params], x, t, lr, self._inner_state[b.name], z)
             shapes = (tuple(x.shape), tuple(t.shape))
@@ -312,36 +320,36 @@ class Program(ProgramTools):
             raise ConfigError("step() takes an assignment or a runner, not both.")
         if assignment is not None:
             check_runnable(assignment)  # a missing CUDA device is refused before anything runs
-        undo = rollback.snapshot(self.trace_result.graph_module, self._inner_state, self._outer, self.step_count)
+        journal = rollback.Journal(self.trace_result.graph_module, self._inner_state, self._outer, self.step_count)
         try:
             res = self.compute_targets(x, y)
-            self._check_finite("the task loss", res["loss"])
-            for name, t in res["targets"].items():
-                self._check_finite(f"the target of block {name!r}", t)
-            for name, g in res["grads"].items():
-                self._check_finite(f"the gradient of non-block parameter {name!r}", g)
+            self._check_all_finite([("the task loss", res["loss"])]
+                                   + [(f"the target of block {n!r}", t) for n, t in res["targets"].items()]
+                                   + [(f"the gradient of non-block parameter {n!r}", g)
+                                      for n, g in res["grads"].items()])
             t1 = time.perf_counter()
             jobs = self.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"])
             outs = runner.run_jobs(jobs) if runner is not None else run_jobs(jobs, assignment)
             t2 = time.perf_counter()
-            self.commit(outs, res["grads"])
+            self.commit(outs, res["grads"], journal)
         except BaseException:
-            self._inner_state, self._outer, self.step_count = rollback.restore(self.trace_result.graph_module, undo)
+            self._inner_state, self._outer, self.step_count = journal.undo()
             raise
         t3 = time.perf_counter()
         self.last_timings = {"target": t1 - t0, "inner": t2 - t1, "update": t3 - t2, "total": t3 - t0}
         self.step_count += 1
         return float(res["loss"])
 
-    def commit(self, outs: Mapping[str, Sequence[torch.Tensor]], grads: Mapping[str, torch.Tensor]) -> None:
+    def commit(self, outs: Mapping[str, Sequence[torch.Tensor]], grads: Mapping[str, torch.Tensor],
+               journal: rollback.Journal | None = None) -> None:
         """Apply a step's results: each block in ``outs`` (block name -> its inner graph's outputs) gets its new
         weights and inner state, then the outer optimizer steps the non-block parameters named in ``grads`` (after
         the block weights, so a tied weight gets its block's update plus its other uses' step). Checks that every
-        new value is finite first; not atomic by itself (``step`` is)."""
+        new value is finite first; not atomic by itself (``step`` is: it passes a ``journal`` that records what
+        this replaces, see :mod:`lwcompile.rollback`)."""
         new = {name: self.inner_signature(name).unpack(o) for name, o in outs.items()}
-        for b in self.blocks:
-            for p, v in zip(b.params, new[b.name][0] if b.name in new else ()):
-                self._check_finite(f"the new value of {p!r} (block {b.name!r})", v)
+        self._check_all_finite([(f"the new value of {p!r} (block {b.name!r})", v) for b in self.blocks
+                                for p, v in zip(b.params, new[b.name][0] if b.name in new else ())])
         with torch.no_grad():
             for b in self.blocks:
                 if b.name not in new:
@@ -349,12 +357,16 @@ class Program(ProgramTools):
                 values, state = new[b.name]
                 for p, v in zip(b.params, values):
                     if p not in b.frozen:
-                        self._param(p).copy_(v)
+                        if journal is not None:
+                            journal.replace(self._param(p), v)
+                        else:
+                            self._param(p).copy_(v)
                 self._inner_state[b.name] = tuple(state)
         if self._outer is not None and grads:
+            if journal is not None:
+                journal.before_outer_step(self._outer, {n: self._param(n) for n in grads})
             self._outer.step(grads)
-            for name in grads:
-                self._check_finite(f"the new value of non-block parameter {name!r}", self._param(name))
+            self._check_all_finite([(f"the new value of non-block parameter {n!r}", self._param(n)) for n in grads])
 
     def stage(self, block_rank: Mapping[str, int], rank: int) -> Stage:
         """Rank ``rank``'s part of the forward/target computation when block ``b`` runs on rank ``block_rank[b]``
@@ -387,11 +399,25 @@ class Program(ProgramTools):
                                   "converted model again.")
 
     def _check_finite(self, what: str, t: torch.Tensor) -> None:
-        # a NaN/inf anywhere makes the sum non-finite, so one summing pass settles the usual case; only a
-        # non-finite sum (a bad value, or finite values overflowing) needs the elementwise check (4 passes)
-        if not self.config.check_finite or (t.is_floating_point() and bool(torch.isfinite(t.sum()))):
+        self._check_all_finite([(what, t)])
+
+    def _check_all_finite(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
+        # One test settles the usual case for all tensors at once: a NaN/inf anywhere makes that tensor's sum
+        # non-finite, and so the stacked sums' sum (one isfinite, one sync instead of one per tensor). Only a
+        # non-finite total (a bad value, or finite values overflowing) looks at the tensors one by one.
+        ts = [t for _, t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        if not ts:
             return
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"{what} has {bad} NaN/inf value(s); the model was left unchanged. Lower "
-                                 "Config.gamma or the learning rates, or check the inputs and the loss.")
+        by_type: dict[tuple, list[torch.Tensor]] = {}
+        for t in ts:
+            by_type.setdefault((t.dtype, t.device), []).append(t)
+        ok = True
+        for group in by_type.values():
+            ok = ok and bool(torch.isfinite(torch.stack([t.sum() for t in group]).sum()))
+        if ok:
+            return
+        for what, t in items:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise NonFiniteError(f"{what} has {bad} NaN/inf value(s); the model was left unchanged. Lower "
+                                     "Config.gamma or the learning rates, or check the inputs and the loss.")

@@ -103,6 +103,23 @@ def build_inner_graph(block: Block, config: Config, example: tuple[torch.Tensor,
     return gm
 
 
+def inner_key(block: Block, config: Config) -> tuple:
+    """What a block's inner graph depends on besides the example's shapes and dtype: blocks with equal keys
+    (same op and its arguments, parameter shapes, transfer function, frozen pattern) share one traced graph.
+    The exact solver names its block in the errors it raises at run time, so it keeps one graph per block.
+
+    >>> a = Block("a", "a", "linear", (), "relu", (), "a.weight", None, (2, 3), None, (4, 3), (4, 2), 12)
+    >>> b = Block("b", "b", "linear", (), "relu", (), "b.weight", None, (2, 3), None, (4, 3), (4, 2), 12)
+    >>> inner_key(a, Config()) == inner_key(b, Config())
+    True
+    """
+    frozen = tuple(p in block.frozen for p in block.params)
+    own = (block.name,) if config.inner_optimizer == EXACT else ()
+    # repr: op arguments and transfer options are plain values; repr makes any of them hashable, floats exactly
+    return (block.op, repr(block.attrs), block.transfer, repr(block.transfer_kwargs), tuple(block.weight_shape),
+            None if block.bias_shape is None else tuple(block.bias_shape), frozen, *own)
+
+
 def inner_signature(block: Block, config: Config, preact: bool = False) -> InnerSignature:
     """The inner graph's signature: its inputs and outputs by name."""
     if config.inner_optimizer == EXACT:  # computed at compile time: refuse blocks it cannot solve exactly here
