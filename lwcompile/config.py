@@ -69,6 +69,9 @@ class Config:
       ``prog.inner_lr = ...`` changes it between steps; the schedule fields below multiply it.
     - ``prox`` (float >= 0, default 0.0): the proximal weight λ of (λ/2)‖W̃ − W‖², which keeps a block's inner
       iterates near its weights at the start of the step.
+    - ``prox_relative`` (bool, default False): with ``inner_optimizer="exact"`` only, read ``prox`` as a multiple
+      of each block's mean Gram diagonal tr(XᵀX)/D on the step's batch (X the block's input rows, D its width), so
+      one number damps every block alike whatever its input scale and the batch size (λ_block = prox·tr(XᵀX)/D).
     - ``momentum`` (float in [0, 1) or None, default None): momentum of "momentum" (default 0.9), "rmsprop" (0.0)
       and "rmsprop_tf1" (0.999); None takes that default. Used only by those three optimizers.
     - ``decay`` (float in [0, 1) or None, default None): the mean-square decay of "rmsprop" (default 0.99) and
@@ -142,6 +145,7 @@ class Config:
     inner_optimizer: str = "rmsprop_tf1"
     inner_lr: float = 1e-4
     prox: float = 0.0
+    prox_relative: bool = False
     momentum: float | None = None
     decay: float | None = None
     eps: float | None = None
@@ -183,6 +187,12 @@ class Config:
         _positive("inner_lr", self.inner_lr, allow_zero=True)  # 0 is legitimate: a warm-up phase
         _positive("outer_lr", self.outer_lr, allow_zero=True)
         _positive("prox", self.prox, allow_zero=True)
+        if not isinstance(self.prox_relative, bool):
+            raise ConfigError(f"Config.prox_relative={self.prox_relative!r}: must be True or False.")
+        if self.prox_relative and self.inner_optimizer != "exact":
+            raise ConfigError("Config.prox_relative=True scales the exact solve's damping by each block's Gram "
+                              f"matrix; inner_optimizer={self.inner_optimizer!r} has no Gram matrix: use "
+                              "inner_optimizer='exact' or prox_relative=False.")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"Config.steps={self.steps!r}: the number of inner iterations T must be an int >= 1.")
         for name in ("momentum", "decay"):

@@ -142,6 +142,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
     fit_w = block.weight not in block.frozen
     fit_b = has_bias and block.bias not in block.frozen
     prox = float(config.prox)
+    relative = bool(config.prox_relative)
     op = block.op
 
     def exact_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -156,7 +157,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
             if b is not None:
                 Z = Z + b.reshape(groups, 1, -1)
         R = A - Z
-        dW, db = _solve(X, R, fit_w, fit_b, prox, block.name)
+        dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative)
         new_w = _weight_from_cols(op, W, dW) if fit_w else W
         new_b = (b + db.reshape(b.shape)) if fit_b else b
         return (new_w, new_b) if has_bias else (new_w,)
@@ -201,26 +202,60 @@ def _weight_from_cols(op: str, W: torch.Tensor, dW: torch.Tensor) -> torch.Tenso
 
 
 def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: float,
-           name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+           name: str, relative: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + 1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²).
 
     With a bias the normal equations are [[XᵀX + λI, s], [sᵀ, n]] [ΔW; Δbᵀ] = [XᵀR; 1ᵀR] (s = Xᵀ1, n = rows + λ).
     Eliminating Δb first leaves the Schur complement XᵀX + λI − s sᵀ/n (positive definite when the whole system
     is: the Gram matrix of the centred X when λ = 0) and Δb = (1ᵀR − sᵀΔW)/n: one rank-one update of the D×D
     matrix instead of copying it into a (D+1)×(D+1) one.
+
+    ``relative=True`` (``Config.prox_relative``) makes λ = prox · tr(XᵀX)/D, per group and per batch: the damping
+    follows each block's own input scale and the batch size (the bias column's mean diagonal is rows, so its λ is
+    prox · rows when only the bias moves).
     """
     g, rows, d = X.shape
     if not fit_w:  # only the bias moves: a mean, shrunk by λ
-        return None, (R.sum(1) / (rows + prox) if fit_b else None)
+        lam_b = prox * rows if relative else prox
+        return None, (R.sum(1) / (rows + lam_b) if fit_b else None)
     Xt = X.transpose(1, 2)
+    if prox > 0 and rows < d + fit_b:
+        return _solve_dual(X, R, fit_b, prox, name, relative)
     gram, rhs = Xt @ X, Xt @ R
+    lam: float | torch.Tensor = prox
+    if relative and prox > 0:  # (G, 1, 1): the mean diagonal of each group's Gram matrix, before the bias is folded in
+        lam = prox * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
     if prox > 0:
-        gram = gram + prox * torch.eye(d, dtype=X.dtype, device=X.device)
+        gram = gram + lam * torch.eye(d, dtype=X.dtype, device=X.device)
     if fit_b:
-        n = rows + prox
+        n = rows + lam
         s, rb = X.sum(1, keepdim=True), R.sum(1, keepdim=True)  # (G, 1, D), (G, 1, O)
-        gram = torch.baddbmm(gram, s.transpose(1, 2), s, alpha=-1.0 / n)
-        rhs = torch.baddbmm(rhs, s.transpose(1, 2), rb, alpha=-1.0 / n)
+        if isinstance(n, torch.Tensor):  # relative λ: n differs per group, baddbmm's alpha must be a number
+            gram = gram - (s.transpose(1, 2) @ s) / n
+            rhs = rhs - (s.transpose(1, 2) @ rb) / n
+        else:
+            gram = torch.baddbmm(gram, s.transpose(1, 2), s, alpha=-1.0 / n)
+            rhs = torch.baddbmm(rhs, s.transpose(1, 2), rb, alpha=-1.0 / n)
     dW = torch.ops.lwcompile.spd_solve(gram, rhs, name, prox)
-    db = ((rb - s @ dW) / (rows + prox)).squeeze(1) if fit_b else None
+    db = ((rb - s @ dW) / n).squeeze(1) if fit_b else None
     return dW, db
+
+
+def _solve_dual(X: torch.Tensor, R: torch.Tensor, fit_b: bool, prox: float, name: str,
+                relative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same minimizer through the rows×rows system, for batches with fewer rows than unknowns (λ > 0).
+
+    With X̃ = [X 1] (the ones column only with a trainable bias) the normal equations (X̃ᵀX̃ + λI)Δ = X̃ᵀR have the
+    solution Δ = X̃ᵀ(X̃X̃ᵀ + λI)⁻¹R (push-through identity), and X̃X̃ᵀ = XXᵀ + 11ᵀ: a rows×rows Cholesky
+    instead of a D×D one. For a 784-input layer at batch 256 it is about 3× fewer FLOPs, the same numbers.
+    """
+    g, rows, d = X.shape
+    K = X @ X.transpose(1, 2)
+    if fit_b:
+        K = K + 1.0
+    lam: float | torch.Tensor = prox
+    if relative:  # tr(XᵀX)/D = ‖X‖²_F/D, per group
+        lam = prox * (X * X).sum((1, 2))[:, None, None] / d
+    K = K + lam * torch.eye(rows, dtype=X.dtype, device=X.device)
+    Y = torch.ops.lwcompile.spd_solve(K, R, name, prox)  # (G, rows, O)
+    return X.transpose(1, 2) @ Y, (Y.sum(1) if fit_b else None)
