@@ -49,3 +49,74 @@ def write_results(out: Path, res: dict[str, Any], md: str, plot: Callable[[dict[
     plot(res, out / png)
     print(md)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / png}")
+
+
+def write_outputs(out: Path, res: dict[str, Any], md: str, plots: dict[str, Callable[[Path], None]]) -> None:
+    """``results.md``, ``results.json`` and one plot per entry of ``plots`` (file name -> a function writing it
+    to the path it is given) in ``out`` (created), then the table to stdout: :func:`write_results` for several
+    plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    for name, draw in plots.items():
+        draw(out / name)
+    print(md)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + "".join(f", {out / n}" for n in plots))
+
+
+class MemoryWindow:
+    """Peak bytes of CPU tensor memory allocated inside a window, from PyTorch's own allocation records.
+
+    Everything allocated since the window opened and still alive counts (the model, an optimizer's state, what
+    a compiled program keeps), plus what is allocated and freed inside a marked region (a step's activations and
+    temporaries); memory allocated before the window (the data set) does not. ``peak(name)`` is the highest live
+    total while region ``name`` ran. It reads ``torch.profiler.profile(profile_memory=True)``'s records (the
+    allocator reports every allocation and free to it, on CPU as on GPU); None when a region never ran or this
+    torch does not expose the records.
+
+    Example:
+        >>> with MemoryWindow() as w:
+        ...     a = torch.zeros(1000)  # 4000 bytes, alive through the region
+        ...     with w.region("work"):
+        ...         b = torch.zeros(2000); del b  # 8000 bytes, freed again
+        >>> w.peak("work")
+        12000
+    """
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._events: list[Any] | None = None
+
+    def __enter__(self) -> "MemoryWindow":
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._prof.__exit__(*exc)
+        try:
+            self._events = list(self._prof.profiler.kineto_results.events())
+        except AttributeError:  # a torch without the raw records: peaks are unknown, never guessed
+            self._events = None
+
+    def region(self, name: str) -> Any:
+        from torch.profiler import record_function
+
+        return record_function(f"memwin::{name}")
+
+    def peak(self, name: str) -> int | None:
+        if self._events is None:
+            return None
+        spans = [(e.start_ns(), e.end_ns()) for e in self._events if e.name() == f"memwin::{name}"]
+        if not spans:
+            return None
+        start, end = spans[-1]
+        live, peak = 0, None
+        for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in self._events if e.name() == "[memory]"):
+            if t > end:
+                break
+            live += nbytes
+            if t >= start:
+                peak = live if peak is None else max(peak, live)
+        return live if peak is None else peak
