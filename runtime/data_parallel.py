@@ -411,12 +411,15 @@ def _refuse_unsupported(prog: Any) -> None:
         raise ConfigError(f"module {sync[0]!r} is a SyncBatchNorm; the data-parallel runtime keeps BatchNorm "
                           "statistics per rank (like DDP without it): convert it to BatchNorm (or train in one "
                           "process).")
-    block_params = {p for b in prog.blocks for p in b.params}
-    tied = sorted(block_params & set(prog.nonblock))
-    if tied or any("tied weights" in w for w in prog.warnings):
-        what = tied[0] if tied else next(w for w in prog.warnings if "tied weights" in w)
-        raise ConfigError(f"tied weights ({what}): the data-parallel runtime does not train a block weight that is "
-                          "also used elsewhere yet; untie it, skip the block (Config.skip), or use "
-                          "DistributedTrainer with a replicated plan.")
+    gm = prog.trace_result.graph_module
+    outside = {id(gm.get_parameter(n)): n for n in prog.nonblock}
+    for b in prog.blocks:
+        for p in b.params:
+            if id(gm.get_parameter(p)) in outside or any("tied weights" in w for w in prog.warnings):
+                raise ConfigError(
+                    f"block {b.name!r}: parameter {p!r} is tied to a use outside the block (as "
+                    f"{outside.get(id(gm.get_parameter(p)), p)!r}); the data-parallel runtime cannot separate the "
+                    "two uses' gradients on a shard yet: untie it, skip the block (Config(skip=...)), or train "
+                    "with DistributedTrainer and a replicated plan.")
     if not math.isfinite(float(prog.config.gamma)):
         raise ConfigError("Config.gamma must be finite.")
