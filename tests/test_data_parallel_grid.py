@@ -212,7 +212,7 @@ def _dp_bn_train(rank: int) -> dict:
     prog, data = _setup("cnn_bn_train", "adam")
     trainer = DataParallelTrainer(prog, timeout=30)
     trainer.step(*trainer.shard(data[0]))
-    return {"buffers": {k: v.clone() for k, v in prog.model.state_dict().items() if "norm." in k}}
+    return {"buffers": {k: v.clone() for k, v in prog.model.named_buffers()}}
 
 
 # ----------------------------------------------------------------------------------------------------- tests
