@@ -69,41 +69,12 @@ from lwcompile import dp_math
 from lwcompile.errors import ConfigError, NonFiniteError
 from lwcompile.ir import as_tuple
 from lwcompile.runtime.comm import Comm, DistributedError
-from lwcompile.runtime.costs import exact_problem
 from lwcompile.runtime.distributed import init_from_env
+from lwcompile.runtime.dp_costs import allreduce_bytes
 from lwcompile.runtime.dp_grid import Grid, make_grid, shard
 from lwcompile.runtime.plan import Plan
 
 __all__ = ["DataParallelTrainer", "DistributedError", "Grid", "allreduce_bytes", "make_grid", "shard"]
-
-
-def allreduce_bytes(prog: Any, blocks: Sequence[str] | None = None) -> dict[str, int]:
-    """Bytes each rank all-reduces per step: the non-block gradients once, plus per block T × its weights
-    (iterative) or its solve's sums Σ_g (D² + D·O + D + O) + 1 (exact). Keys: "nonblock", "blocks", "total".
-    ``blocks``: only these blocks' (a hybrid rank's own; default all). DDP would send the weights once.
-
-    Example:
-        >>> import lwcompile
-        >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> allreduce_bytes(lwcompile.transform(m, torch.nn.functional.mse_loss, torch.randn(5, 3),
-        ...                 lwcompile.Config(steps=2)))["blocks"]
-        208
-    """
-    gm = prog.trace_result.graph_module
-    nonblock = sum(gm.get_parameter(n).numel() * gm.get_parameter(n).element_size() for n in prog.nonblock)
-    names = None if blocks is None else set(blocks)
-    blocks = 0
-    for b in prog.blocks:
-        if names is not None and b.name not in names:
-            continue
-        size = gm.get_parameter(b.weight).element_size()
-        if prog.config.inner_optimizer == "exact":
-            groups, _, d, o = exact_problem(b)
-            d -= b.bias is not None and b.bias not in b.frozen  # the bias column is eliminated, not in the Gram
-            blocks += (groups * (d * d + d * o + d + o) + 1) * size
-        else:
-            blocks += prog.config.steps * sum(gm.get_parameter(p).numel() for p in b.params) * size
-    return {"nonblock": nonblock, "blocks": blocks, "total": nonblock + blocks}
 
 
 class DataParallelTrainer:
