@@ -322,6 +322,7 @@ def test_partitioned_plans_and_tied_weights_are_refused_before_joining():
 
 @pytest.mark.parametrize("op,shape,attrs", [
     ("linear", (6, 5), {}),
+    ("linear", (6, 9), {}),  # 7 rows < 10 unknowns: one process solves the rows×rows dual system
     ("conv1d", (4, 2, 3), dict(groups=2, stride=(2,), padding=(1,), dilation=(1,))),
     ("conv2d", (4, 2, 3, 3), dict(groups=1, stride=(1, 1), padding=(1, 1), dilation=(1, 1))),
     ("conv3d", (4, 2, 2, 2, 2), dict(groups=2, stride=(1, 1, 1), padding=(1, 0, 1), dilation=(1, 1, 1)))])
@@ -335,7 +336,7 @@ def test_exact_stats_split_over_shards_solves_as_the_one_process_exact_solve(op,
     torch.manual_seed(0)
     W = torch.randn(shape, dtype=torch.float64)
     b = torch.randn(shape[0], dtype=torch.float64)
-    size = (5,) if op == "linear" else (shape[1] * attrs["groups"], *[5] * (len(shape) - 2))
+    size = (shape[1],) if op == "linear" else (shape[1] * attrs["groups"], *[5] * (len(shape) - 2))
     x = torch.randn(7, *size, dtype=torch.float64)
     if op == "linear":
         t = torch.randn(7, 6, dtype=torch.float64)
