@@ -206,6 +206,34 @@ def _dp_commit_fault(rank: int, how: str) -> dict:
     return {"error": error, "before": before, "after": after, "later": later, "final": _snapshot(prog)}
 
 
+def _hybrid_fault(rank: int, where: str) -> dict:
+    """4 ranks, 2 shards × 2 block ranks; rank 1 (shard 0) fails in its forward or in its commit at step 2."""
+    from lwcompile.runtime.data_parallel import DataParallelTrainer
+
+    prog, data = _setup("mlp", "adam", steps=2)
+    trainer = DataParallelTrainer(prog, timeout=10, plan=prog.plan(devices=2, mode="replicated", device_rate=1e9))
+    trainer.step(*trainer.shard(data[0]))
+    before = _snapshot(prog)
+    x, y = trainer.shard(data[1])
+    if rank == 1:
+        if where == "forward":
+            x = x[:, :-1]  # this rank's forward cannot multiply it
+        else:
+            commit = prog.commit
+
+            def failing_commit(outs, grads, journal=None):
+                commit(outs, grads, journal)
+                raise ValueError("injected fault in the commit")
+
+            prog.commit = failing_commit
+    error = None
+    try:
+        trainer.step(x, y)
+    except Exception as e:  # noqa: BLE001 - reported below
+        error = (type(e).__name__, str(e))
+    return {"error": error, "before": before, "after": _snapshot(prog)}
+
+
 def _dp_bn_train(rank: int) -> dict:
     from lwcompile.runtime.data_parallel import DataParallelTrainer
 
@@ -289,6 +317,17 @@ def test_a_fault_in_another_ranks_commit_leaves_every_survivor_unchanged(how):
             out = td._unwrap(got[r][1])
             assert out["later"] == pytest.approx(ref_losses[-1], rel=1e-10)
             _assert_state_close(out["final"], ref, f"rank {r} after the next step")
+
+
+@td.needs_gloo
+@pytest.mark.slow
+def test_in_the_hybrid_grid_a_failing_rank_makes_every_rank_raise_and_changes_nothing():
+    outs = _outs(_launch("_hybrid_fault", 4, where="forward"), 4)  # shard 1's ranks learn it at the broadcast
+    for r, out in enumerate(outs):
+        assert out["error"] is not None, r
+        if r != 1:
+            assert out["error"][0] == "DistributedError", (r, out["error"])
+        _assert_state_close(out["after"], out["before"], f"rank {r} after the failed step", tol=0.0)
 
 
 @td.needs_gloo
