@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> str:
                 "weak scaling (256 rows per rank):", "",
                 scaling_table(predict_scaling(prog, (1, 2, 8, 64), 2e13, 1e11, 1e-5, per_rank_batch=256))]
     notes = ["", "Reading it: the counted bytes are what the trainer passed to all-reduce (rank 0; not included: the "
-             "example count and loss, 16 bytes once, and an 8-byte failure flag per all-reduce) and equal the prediction. On 2 shared "
-             "cores two processes cannot beat one: each gets one core at best, the machine runs other jobs (load "
+             "example count and loss, 16 bytes once, and an 8-byte failure flag per all-reduce) and equal the "
+             "prediction. On 2 shared cores two processes cannot beat one: each gets one core at best, the machine runs other jobs (load "
              "above), and every all-reduce crosses loopback through gloo. The exact solve pays most: the data-"
              "parallel form factors the D×D Gram system (784² for the first layer) after an all-reduce of it, where "
              "one process at batch ≤ D solves the cheaper rows×rows dual system, which has no shard-wise sum. The "
