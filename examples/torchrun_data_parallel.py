@@ -29,6 +29,11 @@ from lwcompile.runtime.data_parallel import DataParallelTrainer, allreduce_bytes
 from lwcompile.runtime.distributed import init_from_env
 
 TOLERANCE = 1e-9
+# rmsprop_tf1's steps become sign-like (lr·g/√ms once ms has decayed), so float64 rounding grows about 3× per step
+# in *any* two runs: one process against itself with the initial weights scaled by 1 + 1e-15 differs by 4.5e-5
+# relative after 20 steps. The check compares after 8 steps, where rounding is still far below the tolerance
+# (measured 1.4e-11; 2.3e-10 at 12, 1.2e-7 at 20); the exact solve stays at ~1e-15 for any length.
+CHECK_STEPS = 8
 
 
 def build(inner: str, seed: int = 0) -> tuple[nn.Module, lwcompile.Config]:
@@ -56,12 +61,14 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int, steps: int, seed: int =
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inner", choices=("rmsprop_tf1", "adam", "exact"), default="rmsprop_tf1")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None, help="default 20, or 8 with --check (see CHECK_STEPS)")
     ap.add_argument("--batch", type=int, default=128, help="global batch (split across the ranks)")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--check", action="store_true", help="compare with one process on the whole batches")
     ap.add_argument("--layers", type=int, default=1, help="ranks per shard that split the blocks (hybrid grid)")
     args = ap.parse_args()
+    if args.steps is None:
+        args.steps = CHECK_STEPS if args.check else 20
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
