@@ -36,6 +36,7 @@ from lwcompile.config import Config
 from lwcompile.errors import ConfigError, LwcompileError
 from lwcompile.ir import Block
 from lwcompile.runtime.costs import exact_problem
+from lwcompile.passes.conv_gram import conv_gram_applies, conv_stats
 
 EXACT = "exact"
 QUADRATIC_LOSSES = ("squared_pre",)  # local losses whose inner problem is least squares in W
@@ -137,6 +138,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
     recomputation of Z = XWᵀ (2·rows·D·O FLOPs, about a quarter of the solve; ``Config.reuse_preactivation``).
     """
     check_exact(block, config)
+    from lwcompile.passes.exact_stats import solve_stats  # it imports this module (for spd_solve)
     attrs = dict(block.attrs)
     has_bias = block.bias is not None
     fit_w = block.weight not in block.frozen
@@ -145,10 +147,18 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
     relative = bool(config.prox_relative)
     op = block.op
 
+    structured = op.startswith("conv") and conv_gram_applies(tuple(block.weight_shape[2:]), tuple(attrs["stride"]),
+                                                               tuple(attrs["dilation"]))
+
     def exact_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         W = flat[0]
         b = flat[1] if has_bias else None
         x, target = flat[1 + has_bias], flat[2 + has_bias]
+        if structured:  # stride-1 2-D conv: the sums without a patch matrix (passes/conv_gram.py)
+            Z = flat[4 + has_bias] if preact_given else F.conv2d(x, W, b, 1, tuple(attrs["padding"]), 1,
+                                                                 int(attrs["groups"]))
+            stats = conv_stats(x, W, target - Z, tuple(attrs["padding"]), int(attrs["groups"]), has_bias)
+            return solve_stats(block, flat[:1 + has_bias], stats, prox, relative)
         X, A, groups = _design(op, attrs, x, target, W)
         if preact_given:
             Z = _out_rows(op, flat[4 + has_bias], groups)
