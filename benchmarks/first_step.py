@@ -112,7 +112,7 @@ def first_step(name: str, size: int, batch: int, depthwise: bool = True) -> tupl
     t = time.perf_counter()
     prog = lwcompile.transform(model, F.cross_entropy, (x,))
     prog.step(x, y)
-    return time.perf_counter() - t, len(prog.blocks), len(prog._inner_cache)
+    return time.perf_counter() - t, len(prog.blocks), len(prog._inner_cache) + prog._shared_inner.traces
 
 
 def main() -> None:
