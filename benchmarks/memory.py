@@ -34,7 +34,9 @@ from bench_setup import MemoryWindow, setup_torch  # noqa: E402
 
 EXACT = dict(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=500.0, prox=1.0,
              prox_relative=True)
-METHODS = {"adam": None, "Config()": {}, "exact": EXACT}
+# the last row: the exact recipe without keeping pre-activations for the inner phase (it recomputes Z = XWᵀ)
+METHODS = {"adam": None, "Config()": {}, "exact": EXACT, "exact, reuse_preactivation=False":
+           dict(EXACT, reuse_preactivation=False)}
 MIB = 2 ** 20
 
 
