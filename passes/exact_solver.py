@@ -17,7 +17,6 @@ Example:
     >>> import torch
     >>> from lwcompile.config import Config
     >>> from lwcompile.ir import Block
-from lwcompile.passes.exact_gram import normal_equations, plan_chunks
     >>> blk = Block("fc", "fc", "linear", (), "identity", (), "fc.weight", None, (2, 3), None, (8, 3), (8, 2), 12)
     >>> fn = make_exact_fn(blk, Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact"))
     >>> x, W_true = torch.randn(8, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
