@@ -21,6 +21,7 @@ from lwcompile.guards import differences, layout_changes, snapshot
 from lwcompile.ir import Block, TraceResult, as_tuple
 from lwcompile.outer import OuterOptimizer
 from lwcompile.passes.inner import build_inner_graph, inner_example, inner_key, inner_signature
+from lwcompile.passes.inner_share import SharedInnerGraphs
 from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.partition import Partition
 from lwcompile.passes.signatures import InnerSignature, TargetSignature
@@ -63,6 +64,7 @@ class Program(ProgramTools):
         self._inner_lr = float(config.inner_lr)
         self._target_cache: dict[tuple, tuple[fx.GraphModule, TargetSignature]] = {}
         self._inner_cache: dict[tuple, fx.GraphModule] = {}
+        self._shared_inner = SharedInnerGraphs(config)  # what step runs: one graph per conv kind, checked
         self._compiled_inner = CompiledGraphs() if config.compile_inner else None  # Config.compile_inner
         self._last_target: tuple[fx.GraphModule, TargetSignature] | None = None
         self._compile()
@@ -239,7 +241,9 @@ class Program(ProgramTools):
     @property
     def inner_graphs(self) -> Mapping[str, fx.GraphModule]:
         """Block name -> inner-update GraphModule: (weights, x, target, lr, [â,] optimizer state) -> (new weights,
-        state), the graphs ``step`` runs (â with ``Config.reuse_preactivation``)."""
+        state), traced for each block's shapes: the graphs ``step`` runs (â with ``Config.reuse_preactivation``), or
+        for convolutions of one kind the same code traced once for another block's sizes
+        (:mod:`lwcompile.passes.inner_share`)."""
         return {b.name: self.inner_graph(b.name) for b in self.blocks}
 
     def inner_signature(self, name: str, preact: bool | None = None) -> InnerSignature:
@@ -302,7 +306,10 @@ class Program(ProgramTools):
             sig = self.inner_signature(b.name, preact=z is not None)
             args = sig.pack([self._param(p).detach() for p in b.params], x, t, lr, self._inner_state[b.name], z)
             shapes = (tuple(x.shape), tuple(t.shape))
-            gm = self.inner_graph(b.name, dtype=x.dtype, shapes=shapes, preact=z is not None)
+            gm = self._shared_inner.get(
+                b, x.dtype, *shapes, z is not None,
+                own=lambda b=b, x=x, shapes=shapes, z=z: self.inner_graph(b.name, dtype=x.dtype, shapes=shapes,
+                                                                         preact=z is not None))
             jobs[b.name] = (gm if self._compiled_inner is None else self._compiled_inner.get(b.name, gm), args)
         return jobs
 

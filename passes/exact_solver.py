@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable
 
 import torch
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from lwcompile.config import Config
 from lwcompile.errors import ConfigError, LwcompileError
 from lwcompile.ir import Block
+from lwcompile.passes.exact_gram import normal_equations, plan_chunks
 from lwcompile.runtime.costs import exact_problem
 from lwcompile.passes.conv_gram import conv_gram_applies, conv_stats
 
@@ -159,6 +161,13 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
                                                                  int(attrs["groups"]))
             stats = conv_stats(x, W, target - Z, tuple(attrs["padding"]), int(attrs["groups"]), has_bias)
             return solve_stats(block, flat[:1 + has_bias], stats, prox, relative)
+        chunks = _conv_chunks(op, attrs, x, target, W, fit_w, fit_b, prox)
+        if chunks is not None:  # a large conv: the normal equations summed over chunks of the batch
+            dW, db = _solve_chunked(op, attrs, x, target, flat[4 + has_bias] if preact_given else None, W, b,
+                                    chunks, fit_b, prox, block.name, relative)
+            new_w = _weight_from_cols(op, W, dW)
+            new_b = (b + db.reshape(b.shape)) if fit_b else b
+            return (new_w, new_b) if has_bias else (new_w,)
         X, A, groups = _design(op, attrs, x, target, W)
         if preact_given:
             Z = _out_rows(op, flat[4 + has_bias], groups)
@@ -232,14 +241,22 @@ def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: flo
     if prox > 0 and rows < d + fit_b:
         return _solve_dual(X, R, fit_b, prox, name, relative)
     gram, rhs = Xt @ X, Xt @ R
+    s, rb = (X.sum(1, keepdim=True), R.sum(1, keepdim=True)) if fit_b else (None, None)  # (G, 1, D), (G, 1, O)
+    return _solve_normal(gram, rhs, s, rb, rows, fit_b, prox, name, relative)
+
+
+def _solve_normal(gram: torch.Tensor, rhs: torch.Tensor, s: torch.Tensor | None, rb: torch.Tensor | None,
+                  rows: int, fit_b: bool, prox: float, name: str,
+                  relative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_solve` from the normal equations' sums: XᵀX, XᵀR and (with a bias) Xᵀ1, 1ᵀR."""
+    d = gram.shape[-1]
     lam: float | torch.Tensor = prox
     if relative and prox > 0:  # (G, 1, 1): the mean diagonal of each group's Gram matrix, before the bias is folded in
         lam = prox * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
     if prox > 0:
-        gram = gram + lam * torch.eye(d, dtype=X.dtype, device=X.device)
+        gram = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
     if fit_b:
         n = rows + lam
-        s, rb = X.sum(1, keepdim=True), R.sum(1, keepdim=True)  # (G, 1, D), (G, 1, O)
         if isinstance(n, torch.Tensor):  # relative λ: n differs per group, baddbmm's alpha must be a number
             gram = gram - (s.transpose(1, 2) @ s) / n
             rhs = rhs - (s.transpose(1, 2) @ rb) / n
@@ -249,6 +266,44 @@ def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: flo
     dW = torch.ops.lwcompile.spd_solve(gram, rhs, name, prox)
     db = ((rb - s @ dW) / n).squeeze(1) if fit_b else None
     return dW, db
+
+
+def _conv_chunks(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor, W: torch.Tensor, fit_w: bool,
+                 fit_b: bool, prox: float) -> list[tuple[int, int]] | None:
+    """Chunks of the batch for a conv block whose full patch matrix exceeds
+    :data:`~lwcompile.passes.exact_gram.CHUNK_ELEMENTS` (None: form it whole, as linear blocks, the dual solve
+    and bias-only problems always do)."""
+    if not op.startswith("conv") or not fit_w:
+        return None
+    g = int(attrs["groups"])
+    per_example = math.prod(int(d) for d in target.shape[2:])
+    cols = (x.shape[1] // g) * math.prod(int(k) for k in W.shape[2:])
+    if prox > 0 and x.shape[0] * per_example < cols + fit_b:
+        return None  # the dual (rows × rows) solve needs every row at once
+    chunks = plan_chunks(x.shape[0], per_example, cols, g)
+    return chunks if len(chunks) > 1 else None
+
+
+def _solve_chunked(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor, preact: torch.Tensor | None,
+                   W: torch.Tensor, b: torch.Tensor | None, chunks: list[tuple[int, int]], fit_b: bool, prox: float,
+                   name: str, relative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_solve` for a conv block, its design rows formed one chunk of examples at a time."""
+    groups = int(attrs["groups"])
+    Wc = _weight_cols(op, W, groups)
+
+    def rows_of(start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        X, A, _ = _design(op, attrs, x.narrow(0, start, length), target.narrow(0, start, length), W)
+        if preact is not None:
+            Z = _out_rows(op, preact.narrow(0, start, length), groups)
+        else:
+            Z = X @ Wc
+            if b is not None:
+                Z = Z + b.reshape(groups, 1, -1)
+        return X, A - Z
+
+    gram, rhs, s, rb = normal_equations(chunks, rows_of, fit_b)
+    rows = x.shape[0] * math.prod(int(d) for d in target.shape[2:])
+    return _solve_normal(gram, rhs, s, rb, rows, fit_b, prox, name, relative)
 
 
 def _solve_dual(X: torch.Tensor, R: torch.Tensor, fit_b: bool, prox: float, name: str,

@@ -59,7 +59,9 @@ def make_inner_fn(block: Block, config: Config, preact: bool = False) -> Callabl
         for k in range(config.steps):
             z = z0 if k == 0 and preact else op.apply(x, params[0], params[1] if has_bias else None, attrs)
             r = residual(config.local_loss, block.transfer, kw, z, target)
-            dW, db = op.weight_grad(x, r, block.weight_shape, attrs, has_bias)
+            # conv rows read the weight's shape only: the weight itself keeps its shape out of the graph's constants
+            dW, db = op.weight_grad(x, r, params[0] if block.op.startswith("conv") else block.weight_shape, attrs,
+                                    has_bias)
             grads = (dW, db) if has_bias else (dW,)
             if config.prox > 0:
                 grads = tuple(g + config.prox * (p - a) for g, p, a in zip(grads, params, anchor))
