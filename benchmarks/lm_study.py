@@ -40,6 +40,7 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "lm_study"
 S = dict(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact")
 REL = dict(S, prox=1.0, prox_relative=True)
 ATTN = r"self_attn\.in_proj"
+FFN_ONLY = ("^head$", ATTN, "out_proj")  # skip= that leaves only linear1/linear2 as blocks
 
 LM_RECIPES: dict[str, Config] = {
     "exact g4000": Config(**REL, gamma=4000.0),
@@ -50,8 +51,7 @@ LM_RECIPES: dict[str, Config] = {
     "exact g4000 o3e-3 skip out_proj": Config(**REL, gamma=4000.0, outer_lr=3e-3, skip=(r"out_proj",)),
     "exact g4000 o3e-3 skip linear1": Config(**REL, gamma=4000.0, outer_lr=3e-3, skip=(r"linear1",)),
     "exact g4000 o3e-3 skip linear2": Config(**REL, gamma=4000.0, outer_lr=3e-3, skip=(r"linear2",)),
-    "exact g4000 o3e-3 only linear1+2": Config(**REL, gamma=4000.0, outer_lr=3e-3,
-                                               skip=("^head$", ATTN, "out_proj")),
+    "exact g4000 o3e-3 only linear1+2": Config(**REL, gamma=4000.0, outer_lr=3e-3, skip=FFN_ONLY),
     "exact g2000 o3e-3 skip head+in_proj": Config(**REL, gamma=2000.0, outer_lr=3e-3, skip=("^head$", ATTN)),
     "exact g8000 o3e-3 skip head+in_proj": Config(**REL, gamma=8000.0, outer_lr=3e-3, skip=("^head$", ATTN)),
     "exact g16000 o3e-3 skip head+in_proj": Config(**REL, gamma=16000.0, outer_lr=3e-3, skip=("^head$", ATTN)),
@@ -64,6 +64,14 @@ LM_RECIPES: dict[str, Config] = {
                                          gamma=10.0, inner_lr=1e-3, outer_lr=3e-3),
     "S-adam T3 g100 lr1e-3 o3e-3": Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="adam",
                                           steps=3, gamma=100.0, inner_lr=1e-3, outer_lr=3e-3),
+    # the exact solve on the feed-forward blocks only; attention projections and the tied head go to Adam
+    "ffn g2000 o3e-3": Config(**REL, gamma=2000.0, outer_lr=3e-3, skip=FFN_ONLY),
+    "ffn g8000 o3e-3": Config(**REL, gamma=8000.0, outer_lr=3e-3, skip=FFN_ONLY),
+    "ffn g16000 o3e-3": Config(**REL, gamma=16000.0, outer_lr=3e-3, skip=FFN_ONLY),
+    "ffn g4000 p0.3 o3e-3": Config(**dict(REL, prox=0.3), gamma=4000.0, outer_lr=3e-3, skip=FFN_ONLY),
+    "ffn g8000 p3 o3e-3": Config(**dict(REL, prox=3.0), gamma=8000.0, outer_lr=3e-3, skip=FFN_ONLY),
+    "ffn g4000 o2e-3": Config(**REL, gamma=4000.0, outer_lr=2e-3, skip=FFN_ONLY),
+    "ffn g4000 o5e-3": Config(**REL, gamma=4000.0, outer_lr=5e-3, skip=FFN_ONLY),
     "Config() o3e-3": Config(outer_lr=3e-3),
     "Config() m0.99 o3e-3": Config(momentum=0.99, outer_lr=3e-3),
     "Config() m0.99 lr3e-4 o3e-3": Config(momentum=0.99, inner_lr=3e-4, outer_lr=3e-3),
@@ -249,6 +257,38 @@ def section_diag(steps: int) -> dict[str, Any]:
     return out
 
 
+def section_cost(names: list[str] | None, steps: int = 30) -> dict[str, Any]:
+    """ms per step of Adam and each recipe, stepped in turn (round robin) so that load hits all alike."""
+    w = WORKLOADS["lm"].load()
+    specs = {"adam@3e-3": "adam@3e-3"} | {n: LM_RECIPES[n] for n in (names or ["exact g4000 o3e-3",
+                                                                               "exact g4000 o3e-3 only linear1+2"])}
+    steppers = {}
+    for n, spec in specs.items():
+        model = w.build(seed=0)
+        if isinstance(spec, str):
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+            def f(xb, yb, model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                w.loss_fn(model(xb), yb).backward()
+                opt.step()
+        else:
+            prog = lwcompile.transform(model, w.loss_fn, (w.batch(0)[0],), spec, example_labels=(w.batch(0)[1],))
+            prog.step(*w.batch(0))  # traces: not timed
+            f = prog.step
+        steppers[n] = f
+    times: dict[str, list[float]] = {n: [] for n in specs}
+    for k in range(1, steps + 1):
+        for n, f in steppers.items():
+            t = time.perf_counter()
+            f(*w.batch(k))
+            times[n].append(time.perf_counter() - t)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    for n in med:
+        print(f"{n}: {1e3 * med[n]:.1f} ms/step ({med[n] / med['adam@3e-3']:.2f}x Adam)", flush=True)
+    return {"steps": steps, "median_s": med}
+
+
 def section_momentum(names: list[str] | None, data: str) -> dict[str, Any]:
     rows = []
     for wname, steps in MOMENTUM_STEPS.items():
@@ -320,6 +360,13 @@ def report() -> str:
                 f"{runs[n]['rel_update'][k]:.2e}" + ("" if n == names[0] else f" ({runs[n]['rel_update'][k] / a:.2f}×)")
                 for n in names) + " |")
         lines.append("")
+    p = OUT / "cost.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        m = d["median_s"]
+        lines += ["## Step cost (round robin, median of %d steps; only the ratio is meaningful)" % d["steps"], "",
+                  "| method | ms/step | × Adam |", "|---|---:|---:|"] + [
+            f"| {n} | {1e3 * v:.1f} | {v / m['adam@3e-3']:.2f} |" for n, v in m.items()] + [""]
     p = OUT / "momentum.json"
     if p.exists():
         d = json.loads(p.read_text())
@@ -341,7 +388,7 @@ def report() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--section", choices=("lm", "norm", "diag", "momentum"))
+    p.add_argument("--section", choices=("lm", "norm", "diag", "momentum", "cost"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--only", default="", help="comma-separated recipe (or workload, for momentum) names")
@@ -357,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         sec = {"lm": lambda: section_lm(a.steps, a.eval_every, names),
                "norm": lambda: section_norm(a.steps, a.eval_every, names),
                "diag": lambda: section_diag(min(a.steps, 40)),
+               "cost": lambda: section_cost(names),
                "momentum": lambda: section_momentum(names, a.data_dir)}[a.section]()
         (OUT / f"{a.section}{a.tag}.json").write_text(json.dumps(sec, indent=1))
     if a.report:
