@@ -84,6 +84,10 @@ NORM_RECIPES: dict[str, tuple[Config, str]] = {
     "col g16000 o3e-3": (Config(**REL, gamma=16000.0, outer_lr=3e-3), "col"),
     "col g8000 o3e-3 skip head": (Config(**REL, gamma=8000.0, outer_lr=3e-3, skip=("^head$",)), "col"),
     "col g4000 o3e-3 skip head": (Config(**REL, gamma=4000.0, outer_lr=3e-3, skip=("^head$",)), "col"),
+    "col g4000 o3e-3 ffn only": (Config(**REL, gamma=4000.0, outer_lr=3e-3, skip=FFN_ONLY), "col"),
+    "col g8000 o3e-3 ffn only": (Config(**REL, gamma=8000.0, outer_lr=3e-3, skip=FFN_ONLY), "col"),
+    "col g16000 o3e-3 skip head+in_proj": (Config(**REL, gamma=16000.0, outer_lr=3e-3, skip=("^head$", ATTN)), "col"),
+    "col g32000 o3e-3": (Config(**REL, gamma=32000.0, outer_lr=3e-3), "col"),
 }
 _NORM = {"mode": "none"}
 
