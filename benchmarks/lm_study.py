@@ -89,6 +89,8 @@ NORM_RECIPES: dict[str, tuple[Config, str]] = {
     "col g16000 o3e-3 skip head+in_proj": (Config(**REL, gamma=16000.0, outer_lr=3e-3, skip=("^head$", ATTN)), "col"),
     "col g32000 o3e-3": (Config(**REL, gamma=32000.0, outer_lr=3e-3), "col"),
 }
+LM_RECIPES["ffn g2000 o3e-3 col"] = Config(**REL, gamma=2000.0, outer_lr=3e-3, skip=FFN_ONLY, residual_norm="output")
+LM_RECIPES["col g16000 o3e-3 (library)"] = Config(**REL, gamma=16000.0, outer_lr=3e-3, residual_norm="output")
 _NORM = {"mode": "none"}
 
 MOMENTA = (0.999, 0.995, 0.99)
@@ -341,7 +343,8 @@ def report() -> str:
              "load; the split is the median fraction of one run's own step time (prog.last_timings). Loss = the "
              "workload's fixed evaluation subset. Produced by `python benchmarks/lm_study.py --section S` per "
              "section, then `--report`.", ""]
-    for sec, title in (("lm", "LocoProp recipes on the LM"), ("norm", "Prototype: per-output residual normalization")):
+    for sec, title in (("lm", "LocoProp recipes on the LM"), ("norm", "Per-output residual normalization (Config.residual_norm=\"output\")"),
+                       ("lmlong", "The best recipes, 400 steps")):
         p = OUT / f"{sec}.json"
         if p.exists():
             d = json.loads(p.read_text())

@@ -16,6 +16,7 @@ INNER_OPTIMIZERS = ("gd", "momentum", "rmsprop", "rmsprop_tf1", "adam", "exact")
 OUTER_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop", "none")
 FRONTENDS = ("auto", "fx", "export")
 INNER_LR_ANNEALS = ("none", "linear", "cosine")
+RESIDUAL_NORMS = ("none", "output")
 
 # Which activation space each target lives in and each local loss compares in.
 TARGET_SPACE = {name: rule.space for name, rule in TARGET_RULES.items()}
@@ -72,6 +73,12 @@ class Config:
     - ``prox_relative`` (bool, default False): with ``inner_optimizer="exact"`` only, read ``prox`` as a multiple
       of each block's mean Gram diagonal tr(XᵀX)/D on the step's batch (X the block's input rows, D its width), so
       one number damps every block alike whatever its input scale and the batch size (λ_block = prox·tr(XᵀX)/D).
+    - ``residual_norm`` ("none" | "output", default "none"): with ``inner_optimizer="exact"`` only. "output"
+      rescales the exact solve's target residual R = target − â per output (a column of R for a linear block, an
+      output channel of a conv) to the block's root-mean-square column norm, ‖R_j‖ → ‖R‖_F/√O, before solving: the
+      block's total move is kept, but an output whose loss gradient is tiny (a transformer's query/key projections
+      at init, a classifier's rare classes) moves as far as the others, as Adam's per-entry normalization does.
+      It is a per-step rescaling, so the step is no longer SGD at T = 1 (docs/results/lm_study/results.md).
     - ``momentum`` (float in [0, 1) or None, default None): momentum of "momentum" (default 0.9), "rmsprop" (0.0)
       and "rmsprop_tf1" (0.999); None takes that default. Used only by those three optimizers.
     - ``decay`` (float in [0, 1) or None, default None): the mean-square decay of "rmsprop" (default 0.99) and
@@ -146,6 +153,7 @@ class Config:
     inner_lr: float = 1e-4
     prox: float = 0.0
     prox_relative: bool = False
+    residual_norm: str = "none"
     momentum: float | None = None
     decay: float | None = None
     eps: float | None = None
@@ -193,6 +201,11 @@ class Config:
             raise ConfigError("Config.prox_relative=True scales the exact solve's damping by each block's Gram "
                               f"matrix; inner_optimizer={self.inner_optimizer!r} has no Gram matrix: use "
                               "inner_optimizer='exact' or prox_relative=False.")
+        _choice("residual_norm", self.residual_norm, RESIDUAL_NORMS)
+        if self.residual_norm != "none" and self.inner_optimizer != "exact":
+            raise ConfigError(f"Config.residual_norm={self.residual_norm!r} rescales the exact solve's residual; "
+                              f"inner_optimizer={self.inner_optimizer!r} does not solve for it: use "
+                              "inner_optimizer='exact' or residual_norm='none'.")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"Config.steps={self.steps!r}: the number of inner iterations T must be an int >= 1.")
         for name in ("momentum", "decay"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from lwcompile.config import Config
+from lwcompile.errors import ConfigError
 from lwcompile.ir import Block
 from lwcompile.passes import exact_stats
 from lwcompile.passes.inner import inner_lr_factor
@@ -67,6 +68,9 @@ def gram_stats(block: Block, params: Tensors, x: torch.Tensor, target: torch.Ten
 
 def solve_stats(block: Block, config: Config, params: Tensors, stats: Tensors) -> Tensors:
     """New (W, [b]) from the all-reduced :func:`gram_stats` (``Config.prox`` and ``prox_relative`` as one process)."""
+    if config.residual_norm != "none":  # its per-output norms need the whole batch's residual, not shard sums
+        raise ConfigError(f"block {block.name!r}: Config.residual_norm={config.residual_norm!r} is not supported by "
+                          "the data-parallel exact solve; use residual_norm='none'.")
     return exact_stats.solve_stats(block, params, stats, config.prox, config.prox_relative)
 
 

@@ -147,6 +147,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
     fit_b = has_bias and block.bias not in block.frozen
     prox = float(config.prox)
     relative = bool(config.prox_relative)
+    per_output = config.residual_norm == "output"
     op = block.op
 
     structured = op.startswith("conv") and conv_gram_applies(tuple(block.weight_shape[2:]), tuple(attrs["stride"]),
@@ -159,10 +160,16 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
         if structured:  # stride-1 2-D conv: the sums without a patch matrix (passes/conv_gram.py)
             Z = flat[4 + has_bias] if preact_given else F.conv2d(x, W, b, 1, tuple(attrs["padding"]), 1,
                                                                  int(attrs["groups"]))
-            stats = conv_stats(x, W, target - Z, tuple(attrs["padding"]), int(attrs["groups"]), has_bias)
+            R = target - Z
+            stats = conv_stats(x, W, equalize_outputs(R, (0, *range(2, R.dim()))) if per_output else R,
+                               tuple(attrs["padding"]), int(attrs["groups"]), has_bias)
             return solve_stats(block, flat[:1 + has_bias], stats, prox, relative)
         chunks = _conv_chunks(op, attrs, x, target, W, fit_w, fit_b, prox)
         if chunks is not None:  # a large conv: the normal equations summed over chunks of the batch
+            if per_output:
+                raise LwcompileError(f"block {block.name!r}: Config.residual_norm='output' needs the whole residual "
+                                     "at once and this conv's exact solve is chunked over the batch: skip the block "
+                                     "(Config.skip) or use residual_norm='none'.")
             dW, db = _solve_chunked(op, attrs, x, target, flat[4 + has_bias] if preact_given else None, W, b,
                                     chunks, fit_b, prox, block.name, relative)
             new_w = _weight_from_cols(op, W, dW)
@@ -176,12 +183,28 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
             if b is not None:
                 Z = Z + b.reshape(groups, 1, -1)
         R = A - Z
+        if per_output:  # (G, rows, O): every group's output columns
+            R = equalize_outputs(R, (1,))
         dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative)
         new_w = _weight_from_cols(op, W, dW) if fit_w else W
         new_b = (b + db.reshape(b.shape)) if fit_b else b
         return (new_w, new_b) if has_bias else (new_w,)
 
     return exact_update
+
+
+def equalize_outputs(R: torch.Tensor, over: tuple[int, ...]) -> torch.Tensor:
+    """``Config.residual_norm="output"``: R with each output's norm over the dims ``over`` (the rows) set to the
+    root-mean-square of all outputs' norms, ‖R_j‖ → ‖R‖_F/√O. An all-zero output stays zero.
+
+    >>> R = equalize_outputs(torch.tensor([[3.0, 0.0], [4.0, 1.0]]), (0,))  # column norms 5 and 1 -> both √13
+    >>> [round(float(v) ** 2, 4) for v in R.norm(dim=0)]
+    [13.0, 13.0]
+    """
+    col = R.pow(2).sum(over, keepdim=True)
+    mean = col.mean().sqrt()  # over every output (and group) of the block
+    col = col.sqrt()
+    return R * torch.where(col > 0, mean / torch.where(col > 0, col, torch.ones_like(col)), torch.zeros_like(col))
 
 
 def _design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
