@@ -221,7 +221,7 @@ def _describe(spec: str | Config) -> str:
                                   if getattr(spec, f) != getattr(d, f)) + ")"
 
 
-def section_lm(steps: int, eval_every: int, names: list[str] | None) -> dict[str, Any]:
+def section_lm(steps: int, eval_every: int, names: list[str] | None, seed: int = 0) -> dict[str, Any]:
     w = WORKLOADS["lm"].load()
     rows = []
     specs: list[tuple[str, Any, str]] = [("adam@1e-3", "adam@1e-3", "none"), ("adam@3e-3", "adam@3e-3", "none")]
@@ -229,8 +229,8 @@ def section_lm(steps: int, eval_every: int, names: list[str] | None) -> dict[str
     specs = [s for s in specs if names is None or s[0] in names]
     for name, spec, norm in specs:
         t = time.perf_counter()
-        r = run(w, spec, steps, eval_every, norm=norm)
-        r.update(name=name, setting=_describe(spec))
+        r = run(w, spec, steps, eval_every, norm=norm, seed=seed)
+        r.update(name=name + (f" (init seed {seed})" if seed else ""), setting=_describe(spec))
         rows.append(r)
         print(f"{name}: final {r['final']:.3f} to {r['to_target']} split {r['split']} ({time.perf_counter() - t:.0f} s)",
               flush=True)
@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="", help="comma-separated recipe (or workload, for momentum) names")
     p.add_argument("--data-dir", default="auto")
     p.add_argument("--tag", default="", help="suffix of the section's json (runs split over processes)")
+    p.add_argument("--seed", type=int, default=0, help="model init seed (the batches stay the same)")
     p.add_argument("--report", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in a.only.split(",") if n.strip()] or None
     if a.section:
-        sec = {"lm": lambda: section_lm(a.steps, a.eval_every, names),
+        sec = {"lm": lambda: section_lm(a.steps, a.eval_every, names, a.seed),
                "norm": lambda: section_norm(a.steps, a.eval_every, names),
                "diag": lambda: section_diag(min(a.steps, 40)),
                "cost": lambda: section_cost(names),
