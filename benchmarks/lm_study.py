@@ -295,9 +295,10 @@ def section_cost(names: list[str] | None, steps: int = 30) -> dict[str, Any]:
     return {"steps": steps, "median_s": med}
 
 
-def section_momentum(names: list[str] | None, data: str) -> dict[str, Any]:
+def section_momentum(names: list[str] | None, data: str, steps_override: int = 0) -> dict[str, Any]:
     rows = []
     for wname, steps in MOMENTUM_STEPS.items():
+        steps = steps_override or steps
         if names is not None and wname not in names:
             continue
         w = WORKLOADS[wname].load(data)
@@ -374,10 +375,9 @@ def report() -> str:
         lines += ["## Step cost (round robin, median of %d steps; only the ratio is meaningful)" % d["steps"], "",
                   "| method | ms/step | × Adam |", "|---|---:|---:|"] + [
             f"| {n} | {1e3 * v:.1f} | {v / m['adam@3e-3']:.2f} |" for n, v in m.items()] + [""]
-    p = OUT / "momentum.json"
-    if p.exists():
+    for p in sorted(OUT.glob("momentum*.json")):
         d = json.loads(p.read_text())
-        lines += ["## Config() with rmsprop_tf1 momentum 0.999 (default) / 0.995 / 0.99", ""]
+        lines += [f"## Config() with rmsprop_tf1 momentum 0.999 (default) / 0.995 / 0.99 ({p.stem})", ""]
         for wname in MOMENTUM_STEPS:
             rows = [r for r in d["rows"] if r["workload"] == wname]
             if not rows:
@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default="auto")
     p.add_argument("--tag", default="", help="suffix of the section's json (runs split over processes)")
     p.add_argument("--seed", type=int, default=0, help="model init seed (the batches stay the same)")
+    p.add_argument("--momentum-steps", type=int, default=0, help="override the momentum section's step counts")
     p.add_argument("--report", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
                "norm": lambda: section_norm(a.steps, a.eval_every, names),
                "diag": lambda: section_diag(min(a.steps, 40)),
                "cost": lambda: section_cost(names),
-               "momentum": lambda: section_momentum(names, a.data_dir)}[a.section]()
+               "momentum": lambda: section_momentum(names, a.data_dir, a.momentum_steps)}[a.section]()
         (OUT / f"{a.section}{a.tag}.json").write_text(json.dumps(sec, indent=1))
     if a.report:
         _merge_tags()
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _merge_tags() -> None:
     """Merge SECTION-TAG.json files (one section split over two processes) into SECTION.json."""
-    for sec in ("lm", "norm", "momentum"):
+    for sec in ("lm", "norm"):
         parts = sorted(OUT.glob(f"{sec}-*.json"))
         if not parts:
             continue
