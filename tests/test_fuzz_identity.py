@@ -5,7 +5,8 @@ torch.optim.SGD(lr=η·γ) step (float64: each parameter's update within 1e-9 of
 buffers within 1e-12), frozen parameters must stay bit-identical, and a model lwcompile cannot handle must be
 refused with an LwcompileError at transform / first step, leaving the model exactly as it was.
 
-Knobs (environment): LWCOMPILE_FUZZ_EXAMPLES=N (default 40 generated models), LWCOMPILE_FUZZ_SHRINK=1 (let
+Knobs (environment): LWCOMPILE_FUZZ_EXAMPLES=N (default 40 generated models), LWCOMPILE_FUZZ_RICH_EXAMPLES=N
+(default 25 models drawn rich in hooks, no_grad/detach, parametrizations, addmm), LWCOMPILE_FUZZ_SHRINK=1 (let
 hypothesis shrink a failure: slower, smaller example), LWCOMPILE_FUZZ_SURVEY=1 (run all N, then fail once
 listing every failing spec; run with -s to see the per-example log). Reproduce one spec with
 ``fuzz_models.build(eval("Spec(...)", vars(fuzz_models)))``.
@@ -21,17 +22,20 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, seed, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fuzz_models
 import lwcompile
-from fuzz_models import ACTS, FORMS, LINEAR_FORMS, OPTIONS, Act, Cat, Conv, Dense, Embed, Flatten, Spec, param_shape
+import fuzz_extras as X
+from fuzz_models import (ACTS, ADDMM_FORMS, FORMS, LINEAR_FORMS, OPTIONS, Act, Cat, Conv, Dense, Embed, Flatten, Side,
+                         Spec, param_shape)
 from lwcompile.config import PAIRS
 
 ETA, GAMMA = 0.05, 0.5
 N_EXAMPLES = int(os.environ.get("LWCOMPILE_FUZZ_EXAMPLES", "40"))
+N_RICH = int(os.environ.get("LWCOMPILE_FUZZ_RICH_EXAMPLES", "25"))
 SHRINK = os.environ.get("LWCOMPILE_FUZZ_SHRINK") == "1"
 SURVEY = os.environ.get("LWCOMPILE_FUZZ_SURVEY") == "1"
 
@@ -71,6 +75,7 @@ def check_identity(model, inputs, y, loss_fn, target: str, frontend: str = "auto
         changed += [n for n in buffers if not torch.equal(buffers[n], buffers0[n])]
         assert not changed, f"refused ({type(e).__name__}: {_first_line(e)}) but changed {changed}"
         assert str(e).strip(), f"{type(e).__name__} without a message"
+        assert _names_a_module(str(e), model), f"refusal names no module of the model: {type(e).__name__}: {e}"
         return e
     errors = []
     ref_params = dict(ref.named_parameters(remove_duplicate=False))
@@ -99,37 +104,88 @@ def check_identity(model, inputs, y, loss_fn, target: str, frontend: str = "auto
     return "ok"
 
 
+def _names_a_module(msg: str, model: nn.Module) -> bool:
+    """Whether a refusal names what it refuses: a module's class, or a module or parameter by its (quoted) name."""
+    names = {n for n, _ in model.named_modules() if n} | {n for n, _ in model.named_parameters()}
+    classes = {type(m).__name__ for m in model.modules()}
+    return any(c in msg for c in classes) or any(re.search(rf"['\"`]{re.escape(n)}\b", msg) for n in names)
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 # ---------------------------------------------------------------- the generator (simplest choice first: shrinks well)
 @st.composite
-def acts(draw, none_first: bool = False) -> Act:
+def acts(draw, none_first: bool = False, modules: bool = False) -> Act:
+    """``modules``: draw module spellings more often (they can carry hooks)."""
     name = draw(st.sampled_from(["none"] * (3 if none_first else 1) + ACTS))
     if name == "none":
         return Act()
     kw = tuple((k, draw(st.sampled_from(v))) for k, v in OPTIONS.get(name, {}).items())
-    return Act(name, draw(st.sampled_from(FORMS[name])), kw)
+    nn_forms = [f for f in FORMS[name] if f.startswith("nn")] * (2 if modules else 0)
+    return Act(name, draw(st.sampled_from(FORMS[name] + nn_forms)), kw)
+
+
+def _chance(draw, rate: int) -> bool:
+    """True with probability rate/10 (rate 0: never); the False branch is hypothesis's simplest choice."""
+    return rate > 0 and draw(st.integers(0, 9)) >= 10 - rate
+
+
+@st.composite
+def hooks(draw, sites: tuple, rate: int) -> tuple:
+    """(site, "KIND:FN") pairs. In-place ``mul_`` only on a linear module's output (autograd may need an
+    activation's output), and never in a pre-hook (it would change the caller's tensor)."""
+    out = []
+    while len(out) < 2 and _chance(draw, rate):
+        site, kind = draw(st.sampled_from(sites)), draw(st.sampled_from(X.HOOK_KINDS))
+        fns = [f for f in X.HOOK_FNS if f != "mul_" or (site == "lin" and kind.startswith("fwd"))]
+        out.append((site, f"{kind}:{draw(st.sampled_from(fns))}"))
+    return tuple(out)
 
 
 @st.composite
 def denses(draw, d_in: int, *, seq: bool, last: bool, earlier: tuple = (), d_out: int | None = None,
-           forms: tuple = tuple(LINEAR_FORMS), ties: int = 2) -> Dense:
+           forms: tuple = tuple(LINEAR_FORMS + ADDMM_FORMS), ties: int = 2, rate: int = 0) -> Dense:
     """``earlier``: (layer index, weight shape) of the layers a weight may be tied to; ``ties``: how many
-    "no tie" entries to draw among."""
+    "no tie" entries to draw among; ``rate``: how often (in tenths) to add hooks, a parametrization, a detach."""
     if d_out is None:
         d_out = draw(st.integers(2, 7) | st.just(d_in)) if 2 <= d_in <= 7 else draw(st.integers(2, 7))
-    form = draw(st.sampled_from(forms))
+    # drawn rich (rate >= 3): modules more often, so that more layers can carry parametrizations and module hooks
+    form = draw(st.sampled_from(forms + (("nn.Linear", "Conv1D") * 2 if rate >= 3 else ())))
+    if form == "baddbmm" and (d_in % 2 or d_out % 2):
+        form = "addmm"
     glue = ["mul_", "ln", "dropout_eval", "dropout_p0"] + ([] if seq else ["bn", "bn_eval"])
     skip = ["iadd", "add"] if d_out == d_in else []
     tie = [j for j, shape in earlier if shape == param_shape(form, d_in, d_out)]
-    return Dense(
-        d_out, form, bias=draw(st.booleans()), act=draw(acts(none_first=last)),
-        pre=tuple(draw(st.lists(st.sampled_from(glue + skip), unique=True, max_size=2))),
-        post=tuple(draw(st.lists(st.sampled_from(glue[1:] + skip[1:]), unique=True, max_size=2))),
-        freeze="" if last else draw(st.sampled_from(["", "", "", "w", "b", "wb"])),
-        tie=draw(st.sampled_from([None] * ties + tie)) if tie else None)
+    # an addmm form without a bias parameter is no block (a bias buffer, or torch.bmm): draw that less often
+    bias = draw(st.sampled_from([True, True, False]) if form in ADDMM_FORMS else st.booleans())
+    bias = bias or form == "Conv1D"  # HF's Conv1D always has one (a bias buffer: see the addmm forms)
+    act = draw(acts(none_first=last, modules=rate >= 3))
+    pre = tuple(draw(st.lists(st.sampled_from(glue + skip), unique=True, max_size=2)))
+    post = tuple(draw(st.lists(st.sampled_from(glue[1:] + skip[1:]), unique=True, max_size=2)))
+    freeze = "" if last else draw(st.sampled_from(["", "", "", "w", "b", "wb"]))
+    tie = draw(st.sampled_from([None] * ties + tie)) if tie else None
+    module = form in ("nn.Linear", "Conv1D")
+    param = ""
+    if module and tie is None and _chance(draw, rate):
+        param = draw(st.sampled_from([p for p in X.PARAMS if p != "bias" or bias]))
+        freeze = freeze.replace("b" if param == "bias" else "w", "")
+    sites = ("unit",) + (("lin",) if module else ()) + (("act",) if act.form.startswith("nn") and act.name != "none"
+                                                        else ())
+    detach = ""
+    if not last and _chance(draw, rate // 2):
+        detach = draw(st.sampled_from(["in"] + ([] if module else ["w"])))
+    return Dense(d_out, form, bias=bias, act=act, pre=pre, post=post, freeze=freeze, tie=tie,
+                 hooks=draw(hooks(sites, rate)), param=param, detach=detach)
+
+
+@st.composite
+def sides(draw, d: int, *, seq: bool, rate: int) -> Side:
+    branch = draw(denses(d, seq=seq, last=False, d_out=d, rate=rate))
+    return Side(branch, draw(st.sampled_from(X.SIDE_MODES[:-1] * 2 + X.SIDE_MODES[-1:])),
+                draw(st.sampled_from(["add", "gate"])),
+                draw(st.booleans()))
 
 
 def _conv_out(size: int, k: int, s: int, p, d: int, op: int, transpose: bool) -> int:
@@ -141,7 +197,7 @@ def _conv_out(size: int, k: int, s: int, p, d: int, op: int, transpose: bool) ->
 
 
 @st.composite
-def convs(draw, c_in: int, size: int, nd: int) -> tuple[Conv, int]:
+def convs(draw, c_in: int, size: int, nd: int, rate: int = 0) -> tuple[Conv, int]:
     """A conv layer valid for (c_in, size^nd) inputs, and its output size (at most 10)."""
     transpose = draw(st.sampled_from([False, False, False, True]))
     c_out = draw(st.integers(1, 7))
@@ -175,13 +231,21 @@ def convs(draw, c_in: int, size: int, nd: int) -> tuple[Conv, int]:
                    + (["maxpool", "avgpool", "F.maxpool", "F.avgpool"] if cur >= 2 else []) if g not in post]
         post.append(draw(st.sampled_from(choices)))
         cur = cur // 2 if post[-1].endswith("pool") else cur
-    conv = Conv(c_out, k, s, p, d, groups, mode, transpose, op, form, draw(st.booleans()), draw(acts()), pre,
-                tuple(post), draw(st.sampled_from(["", "", "", "w", "b", "wb"])))
+    bias, act, freeze = draw(st.booleans()), draw(acts()), draw(st.sampled_from(["", "", "", "w", "b", "wb"]))
+    param = ""
+    if form == "nn" and _chance(draw, rate):
+        param = draw(st.sampled_from([p for p in X.PARAMS if p != "orthogonal" and (p != "bias" or bias)]))
+        freeze = freeze.replace("b" if param == "bias" else "w", "")
+    sites = ("unit",) + (("lin",) if form == "nn" else ()) + (("act",) if act.form.startswith("nn") and
+                                                             act.name != "none" else ())
+    conv = Conv(c_out, k, s, p, d, groups, mode, transpose, op, form, bias, act, pre, tuple(post), freeze,
+                hooks=draw(hooks(sites, rate)), param=param)
     return conv, cur
 
 
 @st.composite
-def specs(draw) -> Spec:
+def specs(draw, rate: int = 1) -> Spec:
+    """``rate``: how often (in tenths, per layer) hooks, parametrizations, detaches and side branches appear."""
     family = draw(st.sampled_from(["mlp", "mlp", "conv1d", "conv2d", "lm"]))
     layers, earlier, loss = [], [], "mse"
     if family == "mlp":
@@ -191,12 +255,16 @@ def specs(draw) -> Spec:
         n = draw(st.integers(2, 5))
         for i in range(n):
             if i < n - 1 and draw(st.integers(0, 4)) == 0:
-                a, b = (draw(denses(d, seq=bool(seq), last=False)) for _ in range(2))
+                a, b = (draw(denses(d, seq=bool(seq), last=False, rate=rate)) for _ in range(2))
                 layers.append(Cat(a, b))
                 d = a.d_out + b.d_out
                 continue
-            s = draw(denses(d, seq=bool(seq), last=i == n - 1, earlier=tuple(earlier)))
-            earlier.append((i, param_shape(s.form, d, s.d_out)))
+            if i < n - 1 and _chance(draw, rate):
+                layers.append(draw(sides(d, seq=bool(seq), rate=rate)))
+                continue
+            s = draw(denses(d, seq=bool(seq), last=i == n - 1, earlier=tuple(earlier), rate=rate))
+            if not s.param:
+                earlier.append((i, param_shape(s.form, d, s.d_out)))
             layers.append(s)
             d = s.d_out
         loss = "mse" if seq else draw(st.sampled_from(["mse", "mse", "ce"]))
@@ -205,16 +273,17 @@ def specs(draw) -> Spec:
         in_shape = (draw(st.integers(2, 3)),)
         layers.append(Embed(vocab, d, draw(st.sampled_from(["nn", "F"]))))
         for _ in range(draw(st.integers(0, 2))):
-            layers.append(draw(denses(d, seq=True, last=False, d_out=d)))
+            layers.append(draw(sides(d, seq=True, rate=rate)) if _chance(draw, rate) else
+                          draw(denses(d, seq=True, last=False, d_out=d, rate=rate)))
         layers.append(draw(denses(d, seq=True, last=True, earlier=((0, (vocab, d)),), d_out=vocab, ties=1,
-                                  forms=("nn.Linear", "nn.Linear", "F.linear", "x@W.T"))))
+                                  forms=("nn.Linear", "nn.Linear", "F.linear", "x@W.T", "Conv1D"), rate=rate)))
         loss = draw(st.sampled_from(["mse", "ce"]))
     else:
         nd = int(family[4])
         c, size = draw(st.integers(1, 4)), draw(st.integers(4, 8) if nd == 1 else st.integers(3, 6))
         in_shape = (c, *[size] * nd)
         for _ in range(draw(st.integers(1, 3))):
-            s, size = draw(convs(c, size, nd))
+            s, size = draw(convs(c, size, nd, rate))
             layers.append(s)
             c = s.c_out
         flat = draw(st.sampled_from([".flatten(1)", "torch.flatten", "nn.Flatten", ".reshape", "gap"]))
@@ -222,24 +291,29 @@ def specs(draw) -> Spec:
         layers.append(Flatten(d, flat))
         n = draw(st.integers(1, 2))
         for i in range(n):
-            s = draw(denses(d, seq=False, last=i == n - 1))
+            s = draw(denses(d, seq=False, last=i == n - 1, rate=rate))
             layers.append(s)
             d = s.d_out
         loss = draw(st.sampled_from(["mse", "mse", "ce"]))
+    root = draw(hooks(("root",), rate))
+    if family == "lm":  # a pre-hook sees the integer tokens: the hooks skip them, so do not draw them
+        root = tuple(h for h in root if h[1].startswith("fwd"))
     return Spec(family, in_shape, tuple(layers), batch=draw(st.integers(3, 6)), loss=loss,
                 target=draw(st.sampled_from(list(PAIRS))),
                 frontend=draw(st.sampled_from(["auto", "auto", "fx", "export"])),
-                seed=draw(st.integers(0, 2 ** 16)))
+                seed=draw(st.integers(0, 2 ** 16)), hooks=tuple(h for _, h in root))
 
 
 # ---------------------------------------------------------------- generated architectures
-def test_generated_models_satisfy_the_identity_or_are_refused():
-    failures = []
+def _generate(strategy, n: int, seed_: int | None = None) -> list:
+    """Run check_identity on ``n`` drawn specs; fail on any violation (or, in survey mode, on all of them at the
+    end). Returns [(spec, "ok" or the refusal)] for the caller's own checks."""
+    failures, outcomes = [], []
 
-    @settings(max_examples=N_EXAMPLES, derandomize=True, database=None, deadline=None, print_blob=False,
+    @settings(max_examples=n, derandomize=seed_ is None, database=None, deadline=None, print_blob=False,
               phases=(Phase.explicit, Phase.generate) + ((Phase.shrink,) if SHRINK else ()),
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(spec=specs())
+    @given(spec=strategy)
     def run(spec):
         try:
             model, inputs, y, loss_fn = fuzz_models.build(spec)
@@ -250,14 +324,29 @@ def test_generated_models_satisfy_the_identity_or_are_refused():
             failures.append((spec, e))
             print(f"FAIL {spec!r}\n     {type(e).__name__}: {_first_line(e)}", flush=True)
             return
+        outcomes.append((spec, outcome))
         event("ok" if outcome == "ok" else f"refused: {type(outcome).__name__}")
         if SURVEY:
             print(f"{'ok  ' if outcome == 'ok' else 'REF '} {spec!r}" +
                   ("" if outcome == "ok" else f"\n     {type(outcome).__name__}: {_first_line(outcome)}"), flush=True)
 
-    run()
-    assert not failures, f"{len(failures)} of {N_EXAMPLES} generated models failed:\n" + "\n".join(
+    (run if seed_ is None else seed(seed_)(run))()
+    assert not failures, f"{len(failures)} of {n} generated models failed:\n" + "\n".join(
         f"{s!r}\n    {type(e).__name__}: {str(e).strip()[:600]}" for s, e in failures)
+    return outcomes
+
+
+def test_generated_models_satisfy_the_identity_or_are_refused():
+    _generate(specs(), N_EXAMPLES)
+
+
+def test_generated_hooks_no_grad_detach_parametrizations_and_addmm_satisfy_the_identity():
+    """The adversarial forms drawn often (specs(rate=4)), with a fixed seed of their own; every form must have
+    been drawn into a model that was compiled and matched SGD (not only refused)."""
+    outcomes = _generate(specs(rate=4), N_RICH, seed_=16)
+    compiled = set().union(*(fuzz_models.features(s) for s, o in outcomes if o == "ok"))
+    missing = set(fuzz_models.FEATURES) - compiled
+    assert not missing, f"forms never compiled in {N_RICH} drawn models: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("name", ACTS)
