@@ -24,7 +24,9 @@ from torch.nn.utils import parametrizations as P
 from torch.nn.utils import parametrize as PZ
 
 HOOK_KINDS = ("fwd", "fwd_kw", "fwd_always", "fwd_prepend", "pre", "pre_kw")
-HOOK_FNS = ("scale", "add", "sin", "none", "mul_")  # mul_: in place on the output, returns None (forward hooks only)
+# mul_: in place on the output, returns None (forward hooks only); wmean: adds 0.1 * mean of the module's weight (a
+# block weight read outside its linear op; linear modules only)
+HOOK_FNS = ("scale", "add", "sin", "none", "mul_", "wmean")
 
 
 def _mul_(t):
@@ -36,22 +38,26 @@ _FN = {"scale": lambda t: t * 1.5, "add": lambda t: t + 0.25, "sin": torch.sin, 
 
 # No Python control flow on the values (torch.fx traces the hooks as they are): hooks are drawn only where the
 # tensors are floating point (not on an integer token input).
+def _apply(fn: str, mod: nn.Module, t):
+    return t + 0.1 * mod.weight.mean() if fn == "wmean" else _FN[fn](t)
+
+
 def _fwd(fn: str, mod, args, out):
-    return _FN[fn](out)
+    return _apply(fn, mod, out)
 
 
 def _fwd_kw(fn: str, mod, args, kwargs, out):
-    return _FN[fn](out)
+    return _apply(fn, mod, out)
 
 
 def _pre(fn: str, mod, args):
-    new = _FN[fn](args[0])
+    new = _apply(fn, mod, args[0])
     # a pre-hook may return a bare value (torch wraps it in a tuple) or a tuple: use both spellings
     return None if new is None else (new if fn == "add" else (new, *args[1:]))
 
 
 def _pre_kw(fn: str, mod, args, kwargs):
-    new = _FN[fn](args[0])
+    new = _apply(fn, mod, args[0])
     return None if new is None else ((new, *args[1:]), kwargs)
 
 

@@ -3,7 +3,12 @@
 With T=1, plain GD of step η and every (target, local_loss) pair, one compiled step must equal one
 torch.optim.SGD(lr=η·γ) step (float64: each parameter's update within 1e-9 of SGD's, relative to SGD's update;
 buffers within 1e-12), frozen parameters must stay bit-identical, and a model lwcompile cannot handle must be
-refused with an LwcompileError at transform / first step, leaving the model exactly as it was.
+refused with an LwcompileError at transform / first step that names a module of the model, leaving the model exactly
+as it was. Besides layers, transfer functions and glue in their spellings, the models carry (fuzz_extras.py) forward
+hooks and pre-hooks that change values (on linear, activation and layer modules and the root), torch.no_grad() /
+set_grad_enabled(False) regions and .detach() paths, parametrized weights (weight_norm old and new, orthogonal,
+spectral_norm, custom register_parametrization) and addmm forms (torch.addmm with W (in, out), HF's Conv1D, baddbmm);
+the oracle runs them all eagerly, hooks included.
 
 Knobs (environment): LWCOMPILE_FUZZ_EXAMPLES=N (default 40 generated models), LWCOMPILE_FUZZ_RICH_EXAMPLES=N
 (default 25 models drawn rich in hooks, no_grad/detach, parametrizations, addmm), LWCOMPILE_FUZZ_SHRINK=1 (let
@@ -135,11 +140,13 @@ def _chance(draw, rate: int) -> bool:
 @st.composite
 def hooks(draw, sites: tuple, rate: int) -> tuple:
     """(site, "KIND:FN") pairs. In-place ``mul_`` only on a linear module's output (autograd may need an
-    activation's output), and never in a pre-hook (it would change the caller's tensor)."""
+    activation's output), and never in a pre-hook (it would change the caller's tensor); ``wmean`` (reads the
+    module's weight) only on a linear module."""
     out = []
     while len(out) < 2 and _chance(draw, rate):
         site, kind = draw(st.sampled_from(sites)), draw(st.sampled_from(X.HOOK_KINDS))
-        fns = [f for f in X.HOOK_FNS if f != "mul_" or (site == "lin" and kind.startswith("fwd"))]
+        fns = [f for f in X.HOOK_FNS if site == "lin" or f not in ("mul_", "wmean")]
+        fns = [f for f in fns if f != "mul_" or kind.startswith("fwd")]
         out.append((site, f"{kind}:{draw(st.sampled_from(fns))}"))
     return tuple(out)
 
@@ -149,10 +156,13 @@ def denses(draw, d_in: int, *, seq: bool, last: bool, earlier: tuple = (), d_out
            forms: tuple = tuple(LINEAR_FORMS + ADDMM_FORMS), ties: int = 2, rate: int = 0) -> Dense:
     """``earlier``: (layer index, weight shape) of the layers a weight may be tied to; ``ties``: how many
     "no tie" entries to draw among; ``rate``: how often (in tenths) to add hooks, a parametrization, a detach."""
-    if d_out is None:
+    free = d_out is None
+    if free:
         d_out = draw(st.integers(2, 7) | st.just(d_in)) if 2 <= d_in <= 7 else draw(st.integers(2, 7))
     # drawn rich (rate >= 3): modules more often, so that more layers can carry parametrizations and module hooks
-    form = draw(st.sampled_from(forms + (("nn.Linear", "Conv1D") * 2 if rate >= 3 else ())))
+    form = draw(st.sampled_from(forms + (("nn.Linear", "Conv1D") * 2 + ("baddbmm",) if rate >= 3 else ())))
+    if form == "baddbmm" and free and d_out % 2:  # two groups: even widths
+        d_out = d_out - 1 if d_out > 2 else d_out + 1
     if form == "baddbmm" and (d_in % 2 or d_out % 2):
         form = "addmm"
     glue = ["mul_", "ln", "dropout_eval", "dropout_p0"] + ([] if seq else ["bn", "bn_eval"])
