@@ -177,3 +177,22 @@ class Conv1D(nn.Module):
     def forward(self, x):
         size_out = x.size()[:-1] + (self.nf,)
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+def addmm_forward(form: str, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d_in: int,
+                  d_out: int) -> torch.Tensor:
+    """The addmm forms of fuzz_models.ADDMM_FORMS but Conv1D (a module): on h flattened to 2-D, as GPT-2 does.
+    The widths are Python ints and the shape is never unpacked, so torch.fx traces this as it is."""
+    size_out = h.shape[:-1] + (d_out,)
+    x = h.reshape(-1, d_in)
+    if form == "baddbmm":  # a grouped linear: (2, n, in/2) @ (2, in/2, out/2)
+        xg = x.view(x.shape[0], 2, d_in // 2).transpose(0, 1)
+        z = torch.baddbmm(b, xg, w) if b is not None else torch.bmm(xg, w)
+        return z.transpose(0, 1).reshape(size_out)
+    if form == "addmm":
+        z = torch.addmm(b, x, w)
+    elif form == "addmm(ab)":
+        z = torch.addmm(b, x, w, beta=0.5, alpha=2.0)
+    else:
+        z = b.addmm(x, w)
+    return z.view(size_out)

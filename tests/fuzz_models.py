@@ -289,25 +289,10 @@ class DenseLayer(_Unit):
         if s.form == "F.linear(kw)":
             return F.linear(input=h, weight=w, bias=self.b) if s.bias else F.linear(input=h, weight=w)
         if s.form in ADDMM_FORMS:
-            return self._addmm(h, w)
+            b = self.b if s.bias else getattr(self, "b_buf", None)  # baddbmm without a bias: torch.bmm
+            return X.addmm_forward(s.form, h, w, b, self.d_in, s.d_out)
         z = h @ w if s.form == "x@W" else (h @ w.T if s.form == "x@W.T" else torch.matmul(h, w.t()))
         return z + self.b if s.bias else z
-
-    def _addmm(self, h, w):
-        s, size_out = self.s, h.shape[:-1] + (self.s.d_out,)  # no unpacking of the shape: fx traces this
-        x = h.reshape(-1, self.d_in)
-        if s.form == "baddbmm":  # a grouped linear: (2, n, in/2) @ (2, in/2, out/2)
-            xg = x.view(x.shape[0], 2, self.d_in // 2).transpose(0, 1)
-            z = torch.baddbmm(self.b, xg, w) if s.bias else torch.bmm(xg, w)
-            return z.transpose(0, 1).reshape(size_out)
-        b = self.b if s.bias else self.b_buf
-        if s.form == "addmm":
-            z = torch.addmm(b, x, w)
-        elif s.form == "addmm(ab)":
-            z = torch.addmm(b, x, w, beta=0.5, alpha=2.0)
-        else:
-            z = b.addmm(x, w)
-        return z.view(size_out)
 
 
 class ConvLayer(_Unit):
@@ -458,36 +443,3 @@ def build(spec: Spec) -> tuple[nn.Module, tuple, torch.Tensor, callable]:
             return model, (x,), y, (F.cross_entropy if len(out_shape) == 2 else seq_cross_entropy)
         return model, (x,), torch.randn(out_shape, dtype=torch.float64), F.mse_loss
 
-
-# ---------------------------------------------------------------- what a spec exercises (for coverage checks)
-FEATURES = ("fwd_hook", "pre_hook", "lin_hook", "act_hook", "root_hook", "no_grad", "detach", "param", "addmm",
-            "Conv1D", "baddbmm")
-
-
-def _units(layers: tuple):
-    for s in layers:
-        if isinstance(s, Cat):
-            yield from (s.a, s.b)
-        elif isinstance(s, Side):
-            yield s.branch
-        if isinstance(s, (Dense, Conv)):
-            yield s
-
-
-def features(spec: Spec) -> set[str]:
-    """The adversarial forms (FEATURES, plus "param:NAME") that ``spec`` contains."""
-    out = {"root_hook"} if spec.hooks else set()
-    for s in spec.layers:
-        if isinstance(s, Side):
-            out.add("no_grad" if s.mode in ("nograd", "set_grad") else "detach" if "detach" in s.mode else "side")
-    for u in _units(spec.layers):
-        for site, hook in u.hooks:
-            out |= {"pre_hook" if hook.startswith("pre") else "fwd_hook"} | ({f"{site}_hook"} - {"unit_hook"})
-        if u.param:
-            out |= {"param", f"param:{u.param}"}
-        if getattr(u, "detach", ""):
-            out.add("detach")
-        form = getattr(u, "form", "")
-        if form in ADDMM_FORMS:
-            out.add("addmm" if "addmm" in form and form != "baddbmm" else form)
-    return out
