@@ -33,7 +33,7 @@ from torch import nn
 import fuzz_models
 import fuzz_strategies
 import lwcompile
-from fuzz_models import ACTS, FORMS, OPTIONS, Act, Dense, Spec
+from fuzz_models import ACTS, FORMS, OPTIONS, Act, Conv, Dense, Flatten, Spec
 from fuzz_strategies import specs
 from lwcompile.config import PAIRS
 
@@ -60,10 +60,26 @@ def sgd_reference(model, inputs, y, loss_fn, lr):
     return ref, loss.item()
 
 
+def oracle_noise(model, inputs, y, loss_fn, lr, ref) -> dict[str, float]:
+    """Per parameter, how far SGD's own update moves when only the summation order changes (the batch reversed,
+    and rolled by one: the same mathematics). Where the true gradient is ~0 but float64 rounding is amplified
+    (BatchNorm over a batch-constant channel divides by sqrt(eps)), SGD's "update" is rounding noise, which no
+    implementation can be asked to reproduce bit for bit."""
+    ref_params, noise = dict(ref.named_parameters(remove_duplicate=False)), {}
+    n = y.shape[0]
+    for perm in (torch.arange(n - 1, -1, -1), torch.roll(torch.arange(n), 1)):
+        other, _ = sgd_reference(model, tuple(x[perm] for x in inputs), y[perm], loss_fn, lr)
+        for name, q in other.named_parameters(remove_duplicate=False):
+            d = (q.detach() - ref_params[name].detach()).abs().max().item() if q.numel() else 0.0
+            noise[name] = max(noise.get(name, 0.0), d)
+    return noise
+
+
 def check_identity(model, inputs, y, loss_fn, target: str, frontend: str = "auto", oracle_lr: float = ETA * GAMMA):
     """"ok", or the LwcompileError that refused the model. Raises AssertionError on any violation of the
     identity; any exception other than an LwcompileError propagates (and fails the test)."""
     params0, buffers0 = _snapshot(model)
+    pristine = copy.deepcopy(model)  # for oracle_noise, only needed where an update is below the floor
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     ref, ref_loss = sgd_reference(model, inputs, y, loss_fn, oracle_lr)
     cfg = lwcompile.Config(target=target, local_loss=PAIRS[target], gamma=GAMMA, steps=1, inner_optimizer="gd",
@@ -81,7 +97,7 @@ def check_identity(model, inputs, y, loss_fn, target: str, frontend: str = "auto
         assert str(e).strip(), f"{type(e).__name__} without a message"
         assert _names_a_module(str(e), model), f"refusal names no module of the model: {type(e).__name__}: {e}"
         return e
-    errors = []
+    errors, noise = [], None
     ref_params = dict(ref.named_parameters(remove_duplicate=False))
     for n, p in model.named_parameters(remove_duplicate=False):
         p0, p1, r = params0[n], p.detach(), ref_params[n].detach()
@@ -92,6 +108,9 @@ def check_identity(model, inputs, y, loss_fn, target: str, frontend: str = "auto
         du, du_ref = p1 - p0, r - p0
         scale, err = du_ref.abs().max().item(), (du - du_ref).abs().max().item()
         if not err <= 1e-9 * scale + 1e-14:  # the floor: SGD's update ~0 (e.g. a bias cancelled by BatchNorm)
+            noise = noise if noise is not None else oracle_noise(pristine, inputs, y, loss_fn, oracle_lr, ref)
+            if err <= 1e-9 * scale + 1e-14 + 8 * noise[n]:  # within SGD's own rounding noise
+                continue
             rel = err / scale if scale > 0 else math.inf
             errors.append(f"{n}: |update - SGD's| = {err:.3g} = {rel:.3g} x |SGD's update| ({scale:.3g})")
     now_frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
@@ -279,3 +298,25 @@ def test_a_refusal_must_name_a_module():
     assert _names_a_module("FuzzNet has no block", model) and _names_a_module("a Tanh here", model)
     assert not _names_a_module("cannot compile this model", model)
     assert not _names_a_module("module 'layers.9' is not there", model)
+
+
+def test_sgds_own_rounding_noise_is_not_a_violation():
+    """Found by the generator (seed 42 of a survey): a channel that is constant over the batch goes through
+    BatchNorm, so the true gradient of ``layers.1.conv.bias`` is 0 and SGD's float64 "update" (3.6e-13) is
+    rounding amplified by 1/sqrt(eps); the compiled step's differs by as much. oracle_noise measures that (the
+    same step with the batch reordered) and the check allows it, while the same update on a parameter without
+    such noise would still fail (test_checker_rejects_an_update_that_is_not_sgds)."""
+    spec = Spec("conv2d", (3, 3, 3), (
+        Conv(5, k=1, stride=2, padding=2, dilation=2, transpose=True, form="F", act=Act("logsigmoid"),
+             pre=("bn_eval",), post=("bn",)),
+        Conv(1, k=1, stride=2, padding=1, act=Act("silu", "F.silu(inplace)")),
+        Conv(1, k=1, stride=2, padding="valid", padding_mode="circular", act=Act("logsigmoid"), post=("bn",)),
+        Flatten(1, "gap"), Dense(5, form="x@W.T", act=Act("hardswish", "F.hardswish"),
+                                 pre=("bn_eval", "dropout_eval"), post=("ln", "bn")),
+        Dense(5, form="F.linear", act=Act("hardsigmoid", "F.hardsigmoid"), post=("ln",))),
+        loss="ce", target="dual_md_pre", frontend="fx", seed=4145)
+    model, inputs, y, loss_fn = fuzz_models.build(spec)
+    ref, _ = sgd_reference(model, inputs, y, loss_fn, ETA * GAMMA)
+    noise = oracle_noise(model, inputs, y, loss_fn, ETA * GAMMA, ref)
+    assert noise["layers.1.conv.bias"] > 1e-14 and noise["layers.5.w"] < 1e-14
+    assert check_identity(model, inputs, y, loss_fn, spec.target, spec.frontend) == "ok"
