@@ -316,11 +316,12 @@ def _solve_dual(X: torch.Tensor, R: torch.Tensor, fit_b: bool, prox: float, name
     """
     g, rows, d = X.shape
     K = X @ X.transpose(1, 2)
+    lam: float | torch.Tensor = prox
+    if relative:  # tr(XᵀX)/D = tr(XXᵀ)/D, per group: read off K's diagonal, not from X again
+        lam = prox * K.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] / d
+    K = K + lam * torch.eye(rows, dtype=X.dtype, device=X.device)
     if fit_b:
         K = K + 1.0
-    lam: float | torch.Tensor = prox
-    if relative:  # tr(XᵀX)/D = ‖X‖²_F/D, per group
-        lam = prox * (X * X).sum((1, 2))[:, None, None] / d
-    K = K + lam * torch.eye(rows, dtype=X.dtype, device=X.device)
     Y = torch.ops.lwcompile.spd_solve(K, R, name, prox)  # (G, rows, O)
-    return X.transpose(1, 2) @ Y, (Y.sum(1) if fit_b else None)
+    # ΔW formed as (G, O, D) and handed on transposed: a linear weight (O, D) then adds it without a strided read
+    return (Y.transpose(1, 2) @ X).transpose(1, 2), (Y.sum(1) if fit_b else None)
