@@ -130,11 +130,15 @@ def check_exact(block: Block, config: Config, batch: int | None = None) -> None:
 
 
 # ---------------------------------------------------------------- the inner function
-def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
+                  offset: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``(W, [b], x, target, lr[, â]) -> (W', [b'])``: the exact minimizer of the block's local problem.
 
     ``preact_given=True`` adds the forward pass's pre-activation â = op(x; W, b) as the last input, saving the
     recomputation of Z = XWᵀ (2·rows·D·O FLOPs, about a quarter of the solve; ``Config.reuse_preactivation``).
+    ``offset=True``: the input after x is the target's offset d = â − a (γ·∂L/∂â), and the residual at the
+    current weights is R = A − Z = −d exactly: neither Z nor A is formed (â, when given, is not read), so R keeps
+    the precision of γ·∂L/∂â instead of losing eps·|â| to A − Z.
     """
     check_exact(block, config)
     attrs = dict(block.attrs)
@@ -150,13 +154,16 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
         b = flat[1] if has_bias else None
         x, target = flat[1 + has_bias], flat[2 + has_bias]
         X, A, groups = _design(op, attrs, x, target, W)
-        if preact_given:
+        if offset:  # target is d = â − a: R = A − Z = −d (the design's A is d's rows)
+            R = -A
+        elif preact_given:
             Z = _out_rows(op, flat[4 + has_bias], groups)
         else:
             Z = X @ _weight_cols(op, W, groups)  # the current pre-activation, (G, rows, O)
             if b is not None:
                 Z = Z + b.reshape(groups, 1, -1)
-        R = A - Z
+        if not offset:
+            R = A - Z
         dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative)
         new_w = _weight_from_cols(op, W, dW) if fit_w else W
         new_b = (b + db.reshape(b.shape)) if fit_b else b
