@@ -13,6 +13,7 @@ seam: it reads the passes' pure functions and hands the runtime closures over pl
 Example:
     >>> import torch
     >>> from lwcompile.config import Config
+from lwcompile.errors import ConfigError
     >>> from lwcompile.ir import Block
     >>> blk = Block("fc", "fc", "linear", (), "identity", (), "fc.weight", None, (2, 3), None, (4, 3), (4, 2), 12)
     >>> cfg = Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="gd")
@@ -62,6 +63,10 @@ def gram_stats(block: Block, params: Tensors, x: torch.Tensor, target: torch.Ten
     """The exact solve's sums over these examples: (XᵀX, XᵀR, Xᵀ1, 1ᵀR, rows) per group (R = A − Z)."""
     W = params[0]
     b = params[1] if block.bias is not None else None
+    if block.op == "addmm" and b is not None and float(dict(block.attrs).get("beta", 1)) != 1:
+        # solve_stats fits a bias column of ones; exact_solver._solve has the β·1 column this would need
+        raise ConfigError(f"block {block.name!r}: addmm with beta != 1 and a bias has no data-parallel exact solve; "
+                          "use an iterative inner optimizer or train in one process.")
     X, A, groups = _design(block.op, dict(block.attrs), x, target, W)
     Z = X @ _weight_cols(block.op, W, groups)
     if b is not None:

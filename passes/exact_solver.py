@@ -111,14 +111,24 @@ def check_exact(block: Block, config: Config, batch: int | None = None) -> None:
         raise ConfigError(f"block {block.name!r} ({block.op}): the exact inner solve handles linear, matmul and "
                           "conv1d/2d/3d blocks, not transposed convolutions; skip the block (Config.skip) or use an "
                           "iterative inner optimizer.")
-    if block.op not in ("linear", "matmul") and not block.op.startswith("conv"):
+    if block.op == "baddbmm":
+        raise ConfigError(f"block {block.name!r} (baddbmm): the exact inner solve handles linear, matmul, addmm and "
+                          "conv1d/2d/3d blocks, not batched baddbmm weights (a bias shared across the batch of "
+                          "matrices couples their problems); use an iterative inner optimizer or skip the block "
+                          "(Config.skip).")
+    if block.op not in ("linear", "matmul", "addmm") and not block.op.startswith("conv"):
         raise ConfigError(f"block {block.name!r}: op {block.op!r} has no exact inner solve.")
+    if block.op == "addmm" and block.bias is not None and len(attrs.get("bias_shape", ())) > 1 and (
+            attrs["bias_shape"][0] != 1):
+        raise ConfigError(f"block {block.name!r} (addmm): its bias of shape {attrs['bias_shape']} holds a value per "
+                          "row, not per output; the exact inner solve fits a bias shared by the rows ((out,) or "
+                          "(1, out)): use an iterative inner optimizer.")
     if attrs.get("padding_mode", "zeros") != "zeros":
         raise ConfigError(f"block {block.name!r}: padding_mode={attrs['padding_mode']!r}; the exact inner solve "
                           "unfolds zero-padded inputs only: use padding_mode='zeros' or an iterative inner optimizer.")
     if block.op.startswith("conv") and not all(isinstance(p, int) for p in attrs.get("padding", ())):
         raise ConfigError(f"block {block.name!r}: padding {attrs.get('padding')!r} is not a tuple of ints.")
-    if block.op == "matmul" and len(block.weight_shape) != 2:
+    if block.op in ("matmul", "addmm") and len(block.weight_shape) != 2:
         raise ConfigError(f"block {block.name!r}: a matmul weight of shape {block.weight_shape} is not a matrix.")
     if config.prox == 0 and block.weight not in block.frozen:
         _, rows, cols, _ = exact_problem(block, batch)
@@ -148,6 +158,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
     prox = float(config.prox)
     relative = bool(config.prox_relative)
     op = block.op
+    beta = float(attrs.get("beta", 1)) if op == "addmm" else 1.0  # addmm: z = β·b + α·xW (α is in the design)
 
     def exact_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         W = flat[0]
@@ -161,10 +172,10 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
         else:
             Z = X @ _weight_cols(op, W, groups)  # the current pre-activation, (G, rows, O)
             if b is not None:
-                Z = Z + b.reshape(groups, 1, -1)
+                Z = Z + beta * b.reshape(groups, 1, -1)
         if not offset:
             R = A - Z
-        dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative)
+        dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative, beta)
         new_w = _weight_from_cols(op, W, dW) if fit_w else W
         new_b = (b + db.reshape(b.shape)) if fit_b else b
         return (new_w, new_b) if has_bias else (new_w,)
@@ -174,9 +185,12 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
 
 def _design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
             W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block."""
-    if op in ("linear", "matmul"):
-        return x.reshape(1, -1, x.shape[-1]), _out_rows(op, target, 1), 1
+    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block. For addmm X is α·x, so
+    that Z = X W holds for its weight in (in, out) layout."""
+    if op in ("linear", "matmul", "addmm"):
+        X = x.reshape(1, -1, x.shape[-1])
+        alpha = attrs.get("alpha", 1) if op == "addmm" else 1
+        return (X if alpha == 1 else alpha * X), _out_rows(op, target, 1), 1
     g = int(attrs["groups"])
     cols = _im2col(x, tuple(W.shape[2:]), tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"]))
     n, L = cols.shape[0], cols.shape[2]
@@ -185,7 +199,7 @@ def _design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
 
 def _out_rows(op: str, t: torch.Tensor, groups: int) -> torch.Tensor:
     """An output-shaped tensor (target, pre-activation) as (G, rows, O)."""
-    if op in ("linear", "matmul"):
+    if op in ("linear", "matmul", "addmm"):
         return t.reshape(1, -1, t.shape[-1])
     n, c = t.shape[0], t.shape[1]
     return t.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
@@ -195,7 +209,7 @@ def _weight_cols(op: str, W: torch.Tensor, groups: int) -> torch.Tensor:
     """The weight as (G, D, O) so that Z = X @ it."""
     if op == "linear":
         return W.t().unsqueeze(0)
-    if op == "matmul":
+    if op in ("matmul", "addmm"):
         return W.unsqueeze(0)
     return W.reshape(groups, W.shape[0] // groups, -1).transpose(1, 2)
 
@@ -203,14 +217,15 @@ def _weight_cols(op: str, W: torch.Tensor, groups: int) -> torch.Tensor:
 def _weight_from_cols(op: str, W: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
     if op == "linear":
         return W + dW[0].t()
-    if op == "matmul":
+    if op in ("matmul", "addmm"):
         return W + dW[0]
     return W + dW.transpose(1, 2).reshape(W.shape)
 
 
 def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: float,
-           name: str, relative: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + 1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²).
+           name: str, relative: bool = False, beta: float = 1.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + β1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²) (β: addmm's bias
+    factor, 1 otherwise; the bias column is β·1).
 
     With a bias the normal equations are [[XᵀX + λI, s], [sᵀ, n]] [ΔW; Δbᵀ] = [XᵀR; 1ᵀR] (s = Xᵀ1, n = rows + λ).
     Eliminating Δb first leaves the Schur complement XᵀX + λI − s sᵀ/n (positive definite when the whole system
@@ -222,12 +237,13 @@ def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: flo
     prox · rows when only the bias moves).
     """
     g, rows, d = X.shape
+    b2 = beta * beta
     if not fit_w:  # only the bias moves: a mean, shrunk by λ
-        lam_b = prox * rows if relative else prox
-        return None, (R.sum(1) / (rows + lam_b) if fit_b else None)
+        lam_b = prox * rows * b2 if relative else prox
+        return None, (beta * R.sum(1) / (b2 * rows + lam_b) if fit_b else None)
     Xt = X.transpose(1, 2)
     if prox > 0 and rows < d + fit_b:
-        return _solve_dual(X, R, fit_b, prox, name, relative)
+        return _solve_dual(X, R, fit_b, prox, name, relative, beta)
     gram, rhs = Xt @ X, Xt @ R
     lam: float | torch.Tensor = prox
     if relative and prox > 0:  # (G, 1, 1): the mean diagonal of each group's Gram matrix, before the bias is folded in
@@ -235,8 +251,8 @@ def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: flo
     if prox > 0:
         gram = gram + lam * torch.eye(d, dtype=X.dtype, device=X.device)
     if fit_b:
-        n = rows + lam
-        s, rb = X.sum(1, keepdim=True), R.sum(1, keepdim=True)  # (G, 1, D), (G, 1, O)
+        n = b2 * rows + lam
+        s, rb = beta * X.sum(1, keepdim=True), beta * R.sum(1, keepdim=True)  # (G, 1, D), (G, 1, O)
         if isinstance(n, torch.Tensor):  # relative λ: n differs per group, baddbmm's alpha must be a number
             gram = gram - (s.transpose(1, 2) @ s) / n
             rhs = rhs - (s.transpose(1, 2) @ rb) / n
@@ -249,7 +265,7 @@ def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: flo
 
 
 def _solve_dual(X: torch.Tensor, R: torch.Tensor, fit_b: bool, prox: float, name: str,
-                relative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                relative: bool, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same minimizer through the rows×rows system, for batches with fewer rows than unknowns (λ > 0).
 
     With X̃ = [X 1] (the ones column only with a trainable bias) the normal equations (X̃ᵀX̃ + λI)Δ = X̃ᵀR have the
@@ -258,11 +274,11 @@ def _solve_dual(X: torch.Tensor, R: torch.Tensor, fit_b: bool, prox: float, name
     """
     g, rows, d = X.shape
     K = X @ X.transpose(1, 2)
-    if fit_b:
-        K = K + 1.0
+    if fit_b:  # the bias column β·1 adds β²·11ᵀ
+        K = K + beta * beta
     lam: float | torch.Tensor = prox
     if relative:  # tr(XᵀX)/D = ‖X‖²_F/D, per group
         lam = prox * (X * X).sum((1, 2))[:, None, None] / d
     K = K + lam * torch.eye(rows, dtype=X.dtype, device=X.device)
     Y = torch.ops.lwcompile.spd_solve(K, R, name, prox)  # (G, rows, O)
-    return X.transpose(1, 2) @ Y, (Y.sum(1) if fit_b else None)
+    return X.transpose(1, 2) @ Y, (beta * Y.sum(1) if fit_b else None)
