@@ -13,7 +13,6 @@ seam: it reads the passes' pure functions and hands the runtime closures over pl
 Example:
     >>> import torch
     >>> from lwcompile.config import Config
-from lwcompile.errors import ConfigError
     >>> from lwcompile.ir import Block
     >>> blk = Block("fc", "fc", "linear", (), "identity", (), "fc.weight", None, (2, 3), None, (4, 3), (4, 2), 12)
     >>> cfg = Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="gd")
@@ -26,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from lwcompile.config import Config
+from lwcompile.errors import ConfigError
 from lwcompile.ir import Block
 from lwcompile.passes.exact_solver import _design, _weight_cols, _weight_from_cols
 from lwcompile.passes.inner import inner_lr_factor
