@@ -141,6 +141,51 @@ def test_exact_solve_with_tiny_gradients_matches_a_float64_lstsq_oracle():
     assert max(errs.values()) < TIGHT, errs
 
 
+class ScaledConv(nn.Module):
+    """A stride-1 conv whose pre-activation is ~50 while its gradient is ~1e-6 (a layer scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.scale = nn.Parameter(torch.full((3, 1, 1), 1e-6))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.a = self.conv(x)
+        return self.head((1.0 + self.scale * self.a).mean((2, 3)))
+
+
+def test_exact_solve_of_a_conv_with_tiny_gradients_matches_a_float64_lstsq_oracle():
+    """The conv form of the exact solve (the unfolded input as the design matrix): the oracle unfolds with
+    F.unfold and solves by least squares."""
+    torch.manual_seed(0)
+    model = ScaledConv().double()
+    with torch.no_grad():
+        model.conv.weight.mul_(10.0)
+        model.conv.bias.fill_(50.0)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 2, 5, 5, generator=g, dtype=D64), torch.randn(4, 2, generator=g, dtype=D64)
+    lam = 0.5
+    ref = copy.deepcopy(model)
+    ga, = torch.autograd.grad(F.mse_loss(ref(x), y), [ref.a])
+    X = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 2 * 9)  # (N·L, C·k·k), channel-major like W
+    G = ga.reshape(4, 3, -1).transpose(1, 2).reshape(-1, 3)  # (N·L, out)
+    dW, db = _ridge_oracle(X, G, lam)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = lwcompile.Config(target="gd_pre", local_loss="squared_pre", gamma=GAMMA, inner_optimizer="exact",
+                           prox=lam, outer_optimizer="sgd", outer_lr=0.0)
+    prog = lwcompile.transform(model, F.mse_loss, (x,), cfg)
+    assert [b.name for b in prog.blocks] == ["conv", "head"]
+    prog.step(x, y)
+    errs = {}
+    for name, d in (("conv.weight", dW.reshape(3, 2, 3, 3)), ("conv.bias", db)):
+        p0 = before[name]
+        d = (p0 + d) - p0  # as stored (see above)
+        assert d.abs().max() > 0, name
+        errs[name] = float(((model.get_parameter(name).detach() - p0) - d).abs().max() / d.abs().max())
+    assert max(errs.values()) < TIGHT, errs
+
+
 def test_the_target_form_is_still_what_inner_jobs_runs_on_targets_alone():
     """Callers holding targets only (no offsets) get the target-form graphs: the same update to the target's
     precision, and offset-form graphs are never fed a target by mistake."""
