@@ -381,6 +381,15 @@ class Program(ProgramTools):
             self._outer.step(grads)
             self._check_all_finite([(f"the new value of non-block parameter {n!r}", self._param(n)) for n in grads])
 
+    def begin_step(self) -> rollback.Journal:
+        """A journal of the training state before a step that a runtime drives itself (the data-parallel one):
+        pass it to :meth:`commit`, and to :meth:`undo_step` if the step fails anywhere, even after committing."""
+        return rollback.Journal(self.trace_result.graph_module, self._inner_state, self._outer, self.step_count)
+
+    def undo_step(self, journal: rollback.Journal) -> None:
+        """Put weights, buffers, inner and outer optimizer state and ``step_count`` back as ``journal`` found them."""
+        self._inner_state, self._outer, self.step_count = journal.undo()
+
     def stage(self, block_rank: Mapping[str, int], rank: int) -> Stage:
         """Rank ``rank``'s part of the forward/target computation when block ``b`` runs on rank ``block_rank[b]``
         (the partitioned runtime's unit; see :mod:`lwcompile.passes.stages`)."""
