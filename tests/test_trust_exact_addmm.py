@@ -129,3 +129,30 @@ def test_addmm_with_a_per_row_bias_is_refused_by_the_exact_solve():
     with pytest.raises(lwcompile.ConfigError, match=r"per\s+row"):
         lwcompile.transform(PerRow(), F.mse_loss, (torch.randn(5, 3),), lwcompile.Config(
             target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", prox=1.0))
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_the_data_parallel_split_of_the_exact_solve_handles_addmm(lam):
+    """passes/exact_stats.py (what the data-parallel runtime all-reduces): sums over three shards of an addmm
+    block's batch, solved, equal the one-process solve (checked above against lstsq), α and β included."""
+    from lwcompile.passes import exact_stats
+
+    torch.manual_seed(0)
+    model = AddmmNet().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g, dtype=D64), torch.randn(16, 3, generator=g, dtype=D64)
+    cfg = lwcompile.Config(target="gd_pre", local_loss="squared_pre", gamma=GAMMA, inner_optimizer="exact",
+                           prox=lam, outer_optimizer="sgd", outer_lr=0.0)
+    prog = lwcompile.transform(model, F.mse_loss, (x,), cfg)
+    res = prog.compute_targets(x, y)
+    jobs = prog.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"], offsets=res["offsets"])
+    for blk in prog.blocks:
+        params = tuple(model.get_parameter(p).detach() for p in blk.params)
+        xi, ti = res["inputs"][blk.name], res["targets"][blk.name]
+        parts = [exact_stats.gram_stats(blk, params, xi[s], ti[s]) for s in (slice(0, 5), slice(5, 11), slice(11, 16))]
+        summed = tuple(sum(p[k] for p in parts) for k in range(5))
+        got = exact_stats.solve_stats(blk, params, summed, lam)
+        gm, args = jobs[blk.name]
+        for name, u, v, p0 in zip(blk.params, got, gm(*args), params):
+            assert (v - p0).abs().max() > 1e-6, name
+            torch.testing.assert_close(u - p0, v - p0, rtol=1e-9, atol=1e-12, msg=name)
