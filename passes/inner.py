@@ -121,7 +121,8 @@ def _make_offset_fn(block: Block, config: Config, preact: bool) -> Callable[...,
             if config.prox > 0:
                 grads = tuple(g + config.prox * (p - a) for g, p, a in zip(grads, params, anchor))
             grads = tuple(torch.zeros_like(g) if f else g for g, f in zip(grads, frozen))
-            params, state = opt.update(grads, state, params, lr * inner_lr_factor(k, config.steps, config.inner_lr_decay))
+            step = lr * inner_lr_factor(k, config.steps, config.inner_lr_decay)
+            params, state = opt.update(grads, state, params, step)
             params = tuple(a if f else p for p, a, f in zip(params, anchor, frozen))
         return (*params, *state)
 

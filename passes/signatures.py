@@ -32,7 +32,7 @@ class TargetOutputs:
     targets: Mapping[str, torch.Tensor]  # block name -> its target (METHOD.md step 3)
     grads: Mapping[str, torch.Tensor]  # non-block parameter -> ∂L/∂p (its uses outside blocks)
     preacts: Mapping[str, torch.Tensor] = field(default_factory=dict)  # block name -> â = op(x; W, b), when returned
-    offsets: Mapping[str, torch.Tensor] = field(default_factory=dict)  # block name -> base − target = γ·g, when returned
+    offsets: Mapping[str, torch.Tensor] = field(default_factory=dict)  # block name -> base − target = γ·g, if returned
 
 
 @dataclass(frozen=True)
