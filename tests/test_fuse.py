@@ -214,3 +214,13 @@ def test_config_fuse_is_validated_and_off_means_no_groups():
     assert fuse_groups(blocks, lwcompile.Config()).groups == (("2", "4", "6"),)
     with pytest.raises(lwcompile.LwcompileError, match="differ"):
         fuse_mod.ensures_fuse(blocks, lwcompile.Config(), FusedGroups((("0", "2"),)))
+
+
+def test_onnx_export_of_a_fused_program_writes_every_blocks_own_inner_graph(tmp_path):
+    pytest.importorskip("onnx")
+    data = _data("tower")
+    prog = _train(_tower(), data[:1], lwcompile.Config(steps=2, inner_optimizer="rmsprop"))
+    assert prog.fusion.groups == (("2", "4", "6"),)
+    man = prog.export_onnx(str(tmp_path / "out"), devices={b.name: "cpu" for b in prog.blocks})
+    assert [f["kind"] for f in man["files"]] == ["target"] + ["inner"] * 5  # one unfused graph per block
+    assert [t["block"] for t in man["training"]] == ["0", "2", "4", "6", "8"]
