@@ -84,9 +84,22 @@ class _FusedJob:
 
     def __call__(self, *flat: Any) -> tuple:
         k = len(self.in_dims)
-        stacked = [flat[i] if d is None else torch.stack([flat[m * k + i] for m in range(self.n)])
+        stacked = [flat[i] if d is None else _stack([flat[m * k + i] for m in range(self.n)])
                    for i, d in enumerate(self.in_dims)]
         return tuple(self.fn(*stacked))
+
+
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(ts)``, without the copy when ``ts`` are consecutive rows of one tensor already, in order: a fused
+    job's outputs are handed out as such rows, so the optimizer state it kept comes back to the next step as one."""
+    t0 = ts[0]
+    if t0._base is not None and t0.is_contiguous():
+        ptr, step = t0.untyped_storage().data_ptr(), t0.numel() * t0.element_size()
+        if all(t.shape == t0.shape and t.dtype == t0.dtype and t.is_contiguous() and t._base is not None
+               and t.untyped_storage().data_ptr() == ptr and t.data_ptr() == t0.data_ptr() + i * step
+               for i, t in enumerate(ts)):
+            return t0.as_strided((len(ts), *t0.shape), (t0.numel(), *t0.stride()), t0.storage_offset())
+    return torch.stack(ts)
 
 
 def _graph_of(fn: Any) -> fx.GraphModule | None:

@@ -224,3 +224,27 @@ def test_onnx_export_of_a_fused_program_writes_every_blocks_own_inner_graph(tmp_
     man = prog.export_onnx(str(tmp_path / "out"), devices={b.name: "cpu" for b in prog.blocks})
     assert [f["kind"] for f in man["files"]] == ["target"] + ["inner"] * 5  # one unfused graph per block
     assert [t["block"] for t in man["training"]] == ["0", "2", "4", "6", "8"]
+
+
+def test_a_plan_across_two_devices_runs_fused_and_equals_unfused():
+    data = _data("tower")
+    cfg = lwcompile.Config(inner_optimizer="rmsprop_tf1", inner_lr=1e-2)
+    prog = lwcompile.transform(_tower(), nn.functional.mse_loss, (data[0][0],), cfg)
+    assignment = prog.plan(devices=2).assignment
+    assert sorted(n for names in assignment.values() for n in names) == ["0", "2", "4", "6", "8"]
+    for x, y in data:
+        prog.step(x, y, assignment=assignment)
+    _assert_same(prog, _train(_tower(), data, cfg.replace(fuse=False)))
+
+
+def test_state_handed_out_as_rows_of_one_tensor_is_stacked_without_a_copy():
+    from lwcompile.runtime.fused import _stack
+
+    base = torch.arange(12.0).reshape(3, 4)
+    rows = list(base)
+    same = _stack(rows)  # the rows of one stacked output, in order: a view of that tensor, no copy
+    assert torch.equal(same, base) and same.data_ptr() == base.data_ptr()
+    again = _stack([rows[1], rows[0], rows[2]])  # another order: a real stack
+    assert again.data_ptr() != base.data_ptr() and torch.equal(again, base[[1, 0, 2]])
+    assert torch.equal(_stack(rows[1:]), base[1:])  # consecutive rows from the second: a view too
+    assert torch.equal(_stack([rows[0], rows[2]]), base[[0, 2]])  # a gap: a real stack
