@@ -26,6 +26,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +41,12 @@ from lwcompile.passes.exact_solver import EXACT
 from lwcompile.passes.inner import inner_key
 
 BATCHABLE_NAMESPACES = ("aten", "prims")  # ops torch.func.vmap has batching rules (or a fallback) for
+# Fuse a group only when each member's linear op costs at most this many multiply-adds on the example batch.
+# Fusion removes per-op overhead; past this size a block's inner loop is arithmetic- and cache-bound, and batching
+# N of them made it slower on a 2-core AVX2 CPU (benchmarks/fusion.py: a 12-layer d-128 transformer at 64 rows,
+# 3-4 M multiply-adds per projection, and the 2-layer LM at 2048 rows, 33 M, ran their inner phase ~0.9x; d 64 at
+# 64-128 rows, <= 2 M, ran 1.3-1.6x faster).
+FUSE_MAX_MACS = 2 ** 21
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,13 @@ def _key(block: Block, config: Config) -> tuple:
     return (inner_key(block, config), tuple(block.input_shape), tuple(block.output_shape))
 
 
+def block_macs(block: Block) -> int:
+    """Multiply-adds of the block's linear op on the example batch: output elements × weights per output channel."""
+    w = tuple(block.weight_shape)
+    out = w[-1] if block.op == "matmul" else (w[1] if block.op.startswith("conv_transpose") else w[0])
+    return math.prod(block.output_shape) * (math.prod(w) // max(out, 1))
+
+
 def requires_fuse(blocks: Sequence[Block]) -> None:
     """Pre-condition: block names are unique (a group is a set of names)."""
     names = [b.name for b in blocks]
@@ -72,7 +86,8 @@ def fuse_groups(blocks: Sequence[Block], config: Config) -> FusedGroups:
     """Group the blocks that can run as one batched inner graph (``Config.fuse``; empty when off).
 
     Pre: :func:`requires_fuse`. Post: :func:`ensures_fuse` (groups disjoint, >= 2 members each, members with equal
-    keys). Blocks of the exact solve are never fused (see the module docstring); a note names them.
+    keys). Blocks of the exact solve are never fused (see the module docstring), nor blocks whose linear op costs
+    more than :data:`FUSE_MAX_MACS` multiply-adds on the example batch (fusion would not pay); a note names them.
     """
     if not config.fuse:
         return FusedGroups((), ("Config.fuse=False: every block runs its own inner graph.",))
@@ -89,7 +104,12 @@ def fuse_groups(blocks: Sequence[Block], config: Config) -> FusedGroups:
                       "torch.ops.lwcompile.spd_solve, which torch.func.vmap cannot batch, and its errors name one block"
                       for names in same.values() if len(names) > 1)
         return FusedGroups((), notes)
-    return FusedGroups(tuple(alike), ())
+    by_name = {b.name: b for b in blocks}
+    small = tuple(g for g in alike if block_macs(by_name[g[0]]) <= FUSE_MAX_MACS)
+    notes = tuple(f"blocks {g} are identical but not fused: {block_macs(by_name[g[0]]):,} multiply-adds each on the "
+                  f"example batch exceed FUSE_MAX_MACS = {FUSE_MAX_MACS:,} (batching blocks this large does not pay)"
+                  for g in alike if g not in small)
+    return FusedGroups(small, notes)
 
 
 def ensures_fuse(blocks: Sequence[Block], config: Config, fused: FusedGroups) -> None:

@@ -248,3 +248,23 @@ def test_state_handed_out_as_rows_of_one_tensor_is_stacked_without_a_copy():
     assert again.data_ptr() != base.data_ptr() and torch.equal(again, base[[1, 0, 2]])
     assert torch.equal(_stack(rows[1:]), base[1:])  # consecutive rows from the second: a view too
     assert torch.equal(_stack([rows[0], rows[2]]), base[[0, 2]])  # a gap: a real stack
+
+
+def test_compile_inner_compiles_the_fused_graph_and_keeps_the_numbers(monkeypatch):
+    monkeypatch.setattr("lwcompile.runtime.compiled.BACKEND", "eager")  # torch.compile's path, no code generation
+    data = _data("tower")
+    cfg = lwcompile.Config(inner_optimizer="adam", inner_lr=1e-2, compile_inner=True)
+    prog = _train(_tower(), data, cfg)
+    assert any(g.block.startswith("fused[") for g, in [(v[1],) for v in prog._compiled_inner._fns.values()])
+    assert not prog._compiled_inner.failed
+    _assert_same(prog, _train(_tower(), data, cfg.replace(fuse=False, compile_inner=False)))
+
+
+def test_blocks_too_large_to_gain_are_left_unfused_with_a_note():
+    def blk(n, rows):
+        return Block(n, n, "linear", (), "relu", (), n + ".weight", None, (512, 512), None, (rows, 512), (rows, 512),
+                     2 * 512 * 512)
+    assert fuse_mod.block_macs(blk("a", 8)) == 8 * 512 * 512 <= fuse_mod.FUSE_MAX_MACS
+    assert fuse_groups((blk("a", 8), blk("b", 8)), lwcompile.Config()).groups == (("a", "b"),)
+    big = fuse_groups((blk("a", 64), blk("b", 64)), lwcompile.Config())  # 16.8 M multiply-adds each
+    assert big.groups == () and "FUSE_MAX_MACS" in big.notes[0] and "('a', 'b')" in big.notes[0]
