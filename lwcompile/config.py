@@ -106,7 +106,9 @@ class Config:
     - ``fuse`` (bool, default True): run the inner loops of identical blocks (same op, parameter shapes, transfer
       function and input shapes: the projections of every layer of a transformer) as one batched graph over their
       stacked weights, inputs, targets and optimizer state (:mod:`lwcompile.passes.fuse`): one launch per op
-      instead of N. The same arithmetic per block (float rounding may differ: a bmm instead of N mm's). Only
+      instead of N, for blocks small enough that per-op overhead dominates (at most
+      ``passes.fuse.FUSE_MAX_MACS`` multiply-adds each on the example batch; larger ones ran slower batched on a
+      CPU). The same arithmetic per block (float rounding may differ: a bmm instead of N mm's). Only
       ``Program.step`` without a runner fuses; the distributed runtimes and ONNX export run every block's own
       graph, and the exact solve is never fused (``prog.fusion.notes`` says which blocks and why). Not part of a
       checkpoint's fingerprint.
