@@ -66,7 +66,8 @@ def measure(make: Callable, steps: int, warmup: int = 2) -> dict[str, float]:
             if k >= warmup:
                 for key in ("inner", "total"):
                     times[fuse][key].append(prog.last_timings[key])
-    med = {f"{key}_{'fused' if f else 'unfused'}": statistics.median(v) for f, t in times.items() for key, v in t.items()}
+    med = {f"{key}_{'fused' if f else 'unfused'}": statistics.median(v)
+           for f, t in times.items() for key, v in t.items()}
     groups = progs[True].fusion.groups
     med["blocks"] = len(progs[True].blocks)
     med["jobs"] = len(progs[True].blocks) - sum(len(g) - 1 for g in groups)
@@ -108,8 +109,9 @@ NOTES = """Reading the table:
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| workload | blocks → jobs | inner unfused (ms) | inner fused (ms) | inner speed-up | step unfused (ms) | "
-             "step fused (ms) | max \\|Δparam\\| after the run |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | blocks → jobs | inner unfused (ms) | inner fused (ms) | inner speed-up | "
+             "step unfused (ms) | step fused (ms) | max \\|Δparam\\| after the run |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['blocks']} → {r['jobs']} | {1e3 * r['inner_unfused']:.1f} | "
                      f"{1e3 * r['inner_fused']:.1f} | **{r['inner_unfused'] / r['inner_fused']:.2f}×** | "
@@ -131,8 +133,8 @@ def main() -> None:
     t0 = time.perf_counter()
     for name, make in rows.items():
         results[name] = measure(make, steps)
-        print(f"{name}: inner {1e3 * results[name]['inner_unfused']:.1f} -> {1e3 * results[name]['inner_fused']:.1f} ms",
-              flush=True)
+        r = results[name]
+        print(f"{name}: inner {1e3 * r['inner_unfused']:.1f} -> {1e3 * r['inner_fused']:.1f} ms", flush=True)
     md = table(results)
     print(md)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3

@@ -2,7 +2,8 @@
 
 Each stage is a :class:`Stage` in the manner of ``torch.fx.passes.infra``'s ``PassBase``: ``requires`` checks its
 pre-conditions, ``call`` does the work, ``ensures`` checks what it promised; each returns a small frozen record
-(``TraceResult``, ``Partition``, the tapped ``GraphModule``, ``FusedGroups``). :func:`compile_model` runs :data:`PIPELINE` in order
+(``TraceResult``, ``Partition``, the tapped ``GraphModule``, ``FusedGroups``). :func:`compile_model` runs
+:data:`PIPELINE` in order
 and returns a :class:`Compiled` record; the target and inner graphs are emitted later, per batch shape, by the
 Program (:mod:`lwcompile.passes.targets`, :mod:`lwcompile.passes.inner`).
 

@@ -184,7 +184,8 @@ def test_a_graph_that_cannot_be_batched_runs_unfused_with_a_note(monkeypatch):
         warnings.simplefilter("always")
         got = _train(_tower(), data, cfg)
     assert [str(w.message) for w in caught if "Config.fuse" in str(w.message)] == [
-        "Config.fuse: fused[2, 4, 6] runs unfused: batching its inner graph failed (LwcompileError: no batching rule for this test)"]
+        "Config.fuse: fused[2, 4, 6] runs unfused: batching its inner graph failed "
+        "(LwcompileError: no batching rule for this test)"]
     assert any("runs unfused" in n for n in got.fusion.notes)
     for p, q in zip(got.model.parameters(), want.model.parameters()):
         assert torch.equal(p, q)  # the members ran their own graphs: bitwise the unfused numbers
