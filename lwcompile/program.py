@@ -32,6 +32,8 @@ from lwcompile.program_tools import ProgramTools
 from lwcompile.schedule import schedule_factor
 from lwcompile import checkpoint, rollback
 from lwcompile.runtime.compiled import CompiledGraphs
+from lwcompile.passes.fuse import FusedGroups
+from lwcompile.runtime.fused import FusedCache, run_fused
 from lwcompile.runtime.local import Runner, check_runnable, run_jobs
 
 
@@ -66,6 +68,7 @@ class Program(ProgramTools):
         self._inner_cache: dict[tuple, fx.GraphModule] = {}
         self._shared_inner = SharedInnerGraphs(config)  # what step runs: one graph per conv kind, checked
         self._compiled_inner = CompiledGraphs() if config.compile_inner else None  # Config.compile_inner
+        self._fused_cache = FusedCache(self._compiled_inner.get if self._compiled_inner is not None else None)
         self._last_target: tuple[fx.GraphModule, TargetSignature] | None = None
         self._compile()
         opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
@@ -148,6 +151,13 @@ class Program(ProgramTools):
     def frontend(self) -> str:
         """Which tracer captured the model: "torch.fx.symbolic_trace" or "torch.export"."""
         return self.trace_result.frontend
+
+    @property
+    def fusion(self) -> FusedGroups:
+        """The fuse pass's record (``Config.fuse``): the groups of identical blocks whose inner loops ``step`` runs
+        as one batched graph, and notes on blocks left unfused and why (see :mod:`lwcompile.passes.fuse`)."""
+        f = self._compiled.fused
+        return dataclasses.replace(f, notes=f.notes + tuple(self._fused_cache.notes))
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -348,7 +358,12 @@ class Program(ProgramTools):
                                       for n, g in res["grads"].items()])
             t1 = time.perf_counter()
             jobs = self.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"], offsets=res["offsets"])
-            outs = runner.run_jobs(jobs) if runner is not None else run_jobs(jobs, assignment)
+            if runner is not None:  # a runner (the distributed runtime) gets every block's own job
+                outs = runner.run_jobs(jobs)
+            elif self._compiled.fused.groups:  # Config.fuse: identical blocks as one batched job
+                outs = run_fused(jobs, self._compiled.fused, assignment, self._fused_cache, run=run_jobs)
+            else:
+                outs = run_jobs(jobs, assignment)
             t2 = time.perf_counter()
             self.commit(outs, res["grads"], journal)
         except BaseException:
