@@ -105,6 +105,15 @@ class MemoryWindow:
 
         return record_function(f"memwin::{name}")
 
+    def live_before(self, name: str) -> int | None:
+        """Bytes alive (allocated inside the window) when region ``name`` last began; None as for :meth:`peak`."""
+        if self._events is None:
+            return None
+        starts = [e.start_ns() for e in self._events if e.name() == f"memwin::{name}"]
+        if not starts:
+            return None
+        return sum(e.nbytes() for e in self._events if e.name() == "[memory]" and e.start_ns() < starts[-1])
+
     def peak(self, name: str) -> int | None:
         if self._events is None:
             return None

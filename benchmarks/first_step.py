@@ -3,13 +3,15 @@
 ResNet-50 (bottleneck blocks 3-4-6-3, conv/BN/ReLU, projection shortcuts) and MobileNetV3-small (inverted
 residuals with depthwise convs, hardswish, squeeze-excitation), written out here because torchvision is not a
 dependency. ``--no-depthwise`` replaces MobileNet's depthwise convs by dense ones (their grouped-conv weight
-gradient is traced separately, in passes/linear_ops.py). ``--profile`` prints the top cProfile entries.
+gradient is traced separately, in passes/linear_ops.py). ``--profile`` prints the top cProfile entries, ``--phases``
+the CPU seconds of each phase. CPU seconds (one thread) are the load-independent number on a shared machine.
 
     .venv/bin/python benchmarks/first_step.py --models resnet50 mobilenetv3 --size 64
 """
 from __future__ import annotations
 
 import argparse
+import os
 import cProfile
 import pstats
 import time
@@ -104,15 +106,52 @@ def mobilenetv3_small(classes: int = 1000, depthwise: bool = True) -> nn.Module:
 MODELS = {"resnet50": lambda dw: resnet50(), "mobilenetv3": lambda dw: mobilenetv3_small(depthwise=dw)}
 
 
-def first_step(name: str, size: int, batch: int, depthwise: bool = True) -> tuple[float, int, int]:
-    """(seconds for transform + first step, blocks, traced inner graphs)."""
+def first_step(name: str, size: int, batch: int, depthwise: bool = True) -> tuple[float, float, int, int]:
+    """(wall seconds, process CPU seconds for transform + first step, blocks, inner-graph traces)."""
     torch.manual_seed(0)
     model = MODELS[name](depthwise)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     prog = lwcompile.transform(model, F.cross_entropy, (x,))
     prog.step(x, y)
-    return time.perf_counter() - t, len(prog.blocks), len(prog._inner_cache)
+    traces = len(prog._inner_cache) + getattr(getattr(prog, "_shared_inner", None), "traces", 0)
+    return time.perf_counter() - t, time.process_time() - c, len(prog.blocks), traces
+
+
+PHASES = (  # (module, attribute, label): what --phases times
+    ("lwcompile.program", "snapshot", "guards snapshot"), ("lwcompile.pipeline", "snapshot", "guards snapshot"),
+    ("lwcompile.program", "build_target_graph", "target graph trace"),
+    ("lwcompile.program", "build_inner_graph", "inner graph traces"),
+    ("lwcompile.passes.inner_share", "build_inner_graph", "inner graph traces"),
+    ("lwcompile.program", "run_jobs", "first execution of the inner graphs"))
+
+
+def timed_phases() -> dict[str, float]:
+    """Wrap the pipeline stages and the functions in :data:`PHASES` with CPU timers; returns the live totals."""
+    import dataclasses
+    import importlib
+
+    from lwcompile import pipeline
+    totals: dict[str, float] = {}
+
+    def timer(f, label):
+        def g(*a, **k):
+            c = time.process_time()
+            try:
+                return f(*a, **k)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.process_time() - c
+        return g
+    pipeline.PIPELINE = tuple(dataclasses.replace(st, call=timer(st.call, f"pipeline: {st.name}"))
+                              for st in pipeline.PIPELINE)
+    for mod, attr, label in PHASES:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:  # an older checkout, compared with --phases
+            continue
+        if hasattr(m, attr):
+            setattr(m, attr, timer(getattr(m, attr), label))
+    return totals
 
 
 def main() -> None:
@@ -122,17 +161,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--no-depthwise", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="CPU seconds per phase (tracing, partition, graphs, ...)")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    totals = timed_phases() if a.phases else {}
     for name in a.models:
+        totals.clear()
         pr = cProfile.Profile() if a.profile else None
         if pr:
             pr.enable()
-        secs, blocks, graphs = first_step(name, a.size, a.batch, not a.no_depthwise)
+        secs, cpu, blocks, graphs = first_step(name, a.size, a.batch, not a.no_depthwise)
         if pr:
             pr.disable()
             pstats.Stats(pr).sort_stats("cumtime").print_stats(30)
-        print(f"{name:12} first step {secs:6.2f} s  blocks {blocks:3}  traced inner graphs {graphs:3}")
+        print(f"{name:12} first step {secs:6.2f} s wall {cpu:6.2f} s CPU  blocks {blocks:3}  inner-graph traces "
+              f"{graphs:3}  load average {os.getloadavg()[0]:.1f}")
+        for label, v in totals.items():
+            print(f"    {label:38} {v:6.2f} s CPU")
+        if totals:
+            print(f"    {'the rest (imports, checks, Python)':38} {cpu - sum(totals.values()):6.2f} s CPU")
 
 
 if __name__ == "__main__":

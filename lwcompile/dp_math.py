@@ -8,7 +8,9 @@ seam: it reads the passes' pure functions and hands the runtime closures over pl
   (shard's) examples, before the proximal term: a sum over ranks of these is the full batch's.
 * ``apply_update(...)``: the proximal term, frozen parameters and the optimizer update of ``make_inner_fn``.
 * ``gram_stats`` / ``solve_stats``: the exact solve's batch sums (XᵀX, XᵀR, Xᵀ1, 1ᵀR, rows) and the solve from
-  their all-reduced values (the same algebra as ``exact_solver._solve``).
+  their all-reduced values (:mod:`lwcompile.passes.exact_stats`, the solve split at its batch sums).
+
+Only public functions of the passes are used.
 
 Example:
     >>> import torch
@@ -26,7 +28,7 @@ import torch
 
 from lwcompile.config import Config
 from lwcompile.ir import Block
-from lwcompile.passes.exact_solver import _design, _weight_cols, _weight_from_cols
+from lwcompile.passes import exact_stats
 from lwcompile.passes.inner import inner_lr_factor
 from lwcompile.passes.linear_ops import LINEAR_OPS
 from lwcompile.passes.local_losses import residual
@@ -60,43 +62,12 @@ def apply_update(block: Block, config: Config, grads: Tensors, state: Tensors, p
 
 def gram_stats(block: Block, params: Tensors, x: torch.Tensor, target: torch.Tensor) -> Tensors:
     """The exact solve's sums over these examples: (XᵀX, XᵀR, Xᵀ1, 1ᵀR, rows) per group (R = A − Z)."""
-    W = params[0]
-    b = params[1] if block.bias is not None else None
-    X, A, groups = _design(block.op, dict(block.attrs), x, target, W)
-    Z = X @ _weight_cols(block.op, W, groups)
-    if b is not None:
-        Z = Z + b.reshape(groups, 1, -1)
-    R = A - Z
-    Xt = X.transpose(1, 2)
-    rows = torch.tensor(float(X.shape[1]), dtype=X.dtype, device=X.device)
-    return Xt @ X, Xt @ R, X.sum(1, keepdim=True), R.sum(1, keepdim=True), rows
+    return exact_stats.gram_stats(block, params, x, target)
 
 
 def solve_stats(block: Block, config: Config, params: Tensors, stats: Tensors) -> Tensors:
-    """New (W, [b]) from the all-reduced :func:`gram_stats` (``exact_solver._solve`` on sums instead of X, R)."""
-    gram, rhs, s, rb, rows_t = stats
-    rows, prox = float(rows_t), float(config.prox)
-    has_bias = block.bias is not None
-    fit_w = block.weight not in block.frozen
-    fit_b = has_bias and block.bias not in block.frozen
-    W = params[0]
-    b = params[1] if has_bias else None
-    dW = db = None
-    if not fit_w:
-        db = rb.squeeze(1) / (rows + prox) if fit_b else None
-    else:
-        d = gram.shape[-1]
-        if prox > 0:
-            gram = gram + prox * torch.eye(d, dtype=gram.dtype, device=gram.device)
-        if fit_b:
-            n = rows + prox
-            gram = torch.baddbmm(gram, s.transpose(1, 2), s, alpha=-1.0 / n)
-            rhs = torch.baddbmm(rhs, s.transpose(1, 2), rb, alpha=-1.0 / n)
-        dW = torch.ops.lwcompile.spd_solve(gram, rhs, block.name, prox)
-        db = ((rb - s @ dW) / (rows + prox)).squeeze(1) if fit_b else None
-    new_w = _weight_from_cols(block.op, W, dW) if fit_w else W
-    new_b = (b + db.reshape(b.shape)) if fit_b else b
-    return (new_w, new_b) if has_bias else (new_w,)
+    """New (W, [b]) from the all-reduced :func:`gram_stats` (``Config.prox`` and ``prox_relative`` as one process)."""
+    return exact_stats.solve_stats(block, params, stats, config.prox, config.prox_relative)
 
 
 __all__ = ["local_grads", "apply_update", "gram_stats", "solve_stats"]

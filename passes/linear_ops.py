@@ -237,7 +237,9 @@ def _conv_weight_grad(x, r, w_shape, stride, padding, dilation, groups, transpos
     weight: torch's own grouped kernel (a Python loop over groups made a depthwise conv of C channels C convolutions
     in the traced graph); ONNX export lowers it with :func:`_conv_weight_grad_core`."""
     nd = x.dim() - 2
-    weight = x.new_empty(tuple(w_shape))  # read for its shape only
+    # read for its shape only; the inner graphs pass the weight itself, so that no weight-shape constant is
+    # baked into the graph and blocks of other channel counts can share it (lwcompile.passes.inner_share)
+    weight = w_shape if isinstance(w_shape, torch.Tensor) else x.new_empty(tuple(w_shape))
     return aten.convolution_backward.default(
         r, x, weight, None, list(stride), list(padding), list(dilation), transposed,
         list(output_padding if output_padding is not None else (0,) * nd), groups, [False, True, False])[1]

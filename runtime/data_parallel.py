@@ -21,29 +21,44 @@ per-rank sums. Iterative optimizers run their T iterations in Python (the pure `
 ``passes/optimizers.py`` via :mod:`lwcompile.dp_math`), with one all-reduce per iteration of all blocks' local
 gradients (before the proximal term, which is added once after the sum); every rank then applies the same update.
 ``inner_optimizer="exact"`` all-reduces the solve's sums (XᵀX, XᵀR, Xᵀ1, 1ᵀR, rows; R = A − Z at the current
-weights) once per step, then every rank solves the same system. :func:`allreduce_bytes` counts what travels.
+weights) once per step, then every rank solves the same system. :func:`allreduce_bytes` predicts what travels;
+``trainer.last_bytes`` counts it.
+
+**Hybrid.** ``plan=prog.plan(devices=L, mode="replicated")`` makes the job a grid (:mod:`lwcompile.runtime.dp_grid`):
+world / L shards × L ranks per shard. The ranks of a shard run the same forward and split the blocks' inner loops
+as the plan says; a block's sums are all-reduced only among its owners (one per shard), and each owner then
+broadcasts the block's new weights and inner state to the other ranks of its shard. Partitioned (pipeline) plans
+are refused.
 
 **Limits.** BatchNorm-style buffers are updated from each rank's shard (like DDP), then rank 0's are broadcast so
-all ranks agree (``broadcast_buffers=True`` in DDP terms); they are not the full batch's statistics. SyncBatchNorm
-and tied weights (a block weight also used elsewhere) are refused with a ConfigError. The loss must be a batch
-mean (``reduction="mean"``).
+all ranks agree (``broadcast_buffers=True`` in DDP terms): in train mode both the normalization and the running
+statistics are the shard's, not the full batch's, so a model with train-mode BatchNorm does not equal one process
+(eval-mode BatchNorm does). SyncBatchNorm and tied weights (a block weight also used elsewhere) are refused with
+a ConfigError. The loss must be a batch mean (``reduction="mean"``).
 
 **Faults.** A rank that raises makes every other rank raise a DistributedError naming it (its failure rides on the
-next all-reduce); a rank that dies or hangs makes the others raise after ``timeout`` seconds. A failed step leaves
-the model as it was (buffers restored; nothing is committed before the last agreement).
+next all-reduce; in a hybrid grid the other shards learn it at the next weight broadcast, at worst after the
+timeout); a rank that dies or hangs makes the others raise after ``timeout`` seconds. A step is atomic: each rank
+commits into a journal (:meth:`Program.begin_step`) and the step's last message is an agreement; a failure
+anywhere before it, including in another rank's commit, undoes the step on every rank.
+
+**Checkpoints.** ``trainer.save(path)`` (rank 0 writes) and ``trainer.load(path)`` (every rank reads) hold the
+model and the program's state; the state does not depend on the number of ranks, so a run resumes with any.
 
 Example (``torchrun --nproc-per-node 2 train.py``)::
 
     prog = lwcompile.transform(model, loss_fn, example_x)       # same seed on every rank
     trainer = DataParallelTrainer(prog, timeout=60)             # joins the torchrun job (gloo on CPU)
     for x, y in batches:                                        # the same global batches on every rank
-        loss = trainer.step(*shard((x, y), trainer.rank, trainer.world))   # this rank's rows
+        loss = trainer.step(*trainer.shard((x, y)))              # this rank's rows
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -54,100 +69,96 @@ from lwcompile import dp_math
 from lwcompile.errors import ConfigError, NonFiniteError
 from lwcompile.ir import as_tuple
 from lwcompile.runtime.comm import Comm, DistributedError
-from lwcompile.runtime.costs import exact_problem
 from lwcompile.runtime.distributed import init_from_env
+from lwcompile.runtime.dp_costs import allreduce_bytes
+from lwcompile.runtime.dp_grid import Grid, make_grid, shard
+from lwcompile.runtime.plan import Plan
 
-__all__ = ["DataParallelTrainer", "DistributedError", "allreduce_bytes", "shard"]
-
-
-def shard(batch: Any, rank: int, world: int) -> Any:
-    """Rank ``rank``'s contiguous rows (dim 0) of every tensor in ``batch`` (a tensor or a tuple of them).
-
-    Example:
-        >>> shard((torch.arange(5), torch.arange(5) * 10), 1, 2)
-        (tensor([3, 4]), tensor([30, 40]))
-    """
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(shard(b, rank, world) for b in batch)
-    return torch.tensor_split(batch, world)[rank] if isinstance(batch, torch.Tensor) else batch
-
-
-def allreduce_bytes(prog: Any) -> dict[str, int]:
-    """Bytes each rank all-reduces per step: the non-block gradients once, plus per block T × its weights
-    (iterative) or its solve's sums Σ_g (D² + D·O + D + O) + 1 (exact). Keys: "nonblock", "blocks", "total".
-
-    Example:
-        >>> import lwcompile
-        >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> allreduce_bytes(lwcompile.transform(m, torch.nn.functional.mse_loss, torch.randn(5, 3),
-        ...                 lwcompile.Config(steps=2)))["blocks"]
-        208
-    """
-    gm = prog.trace_result.graph_module
-    nonblock = sum(gm.get_parameter(n).numel() * gm.get_parameter(n).element_size() for n in prog.nonblock)
-    blocks = 0
-    for b in prog.blocks:
-        size = gm.get_parameter(b.weight).element_size()
-        if prog.config.inner_optimizer == "exact":
-            groups, _, d, o = exact_problem(b)
-            d -= b.bias is not None and b.bias not in b.frozen  # the bias column is eliminated, not in the Gram
-            blocks += (groups * (d * d + d * o + d + o) + 1) * size
-        else:
-            blocks += prog.config.steps * sum(gm.get_parameter(p).numel() for p in b.params) * size
-    return {"nonblock": nonblock, "blocks": blocks, "total": nonblock + blocks}
+__all__ = ["DataParallelTrainer", "DistributedError", "Grid", "allreduce_bytes", "make_grid", "shard"]
 
 
 class DataParallelTrainer:
     """Train ``prog`` data-parallel across the ranks of ``group`` (default: the torchrun job).
 
     Every rank builds the same program (same seed and config); rank 0's initial model is broadcast. ``timeout``
-    (seconds) bounds every wait on another rank.
+    (seconds) bounds every wait on another rank. With a replicated ``plan`` of L devices the job is a grid
+    (:mod:`lwcompile.runtime.dp_grid`): world / L data-parallel shards, each shared by L ranks that split the
+    blocks' inner loops as the plan says (``shard_index`` / ``shards`` tell a rank which rows to pass).
 
     Example (two processes)::
 
         trainer = DataParallelTrainer(prog, timeout=30)
-        loss = trainer.step(x_shard, y_shard)   # the whole batch's loss, the same float on every rank
+        loss = trainer.step(*trainer.shard((x, y)))   # the whole batch's loss, the same float on every rank
     """
 
     def __init__(self, prog: Any, group: dist.ProcessGroup | None = None, timeout: float = 60.0,
-                 sync_initial: bool = True) -> None:
+                 sync_initial: bool = True, plan: Plan | None = None) -> None:
         if not timeout or timeout <= 0:
             raise ConfigError(f"timeout={timeout!r}: must be a number of seconds > 0.")
         _refuse_unsupported(prog)
+        _check_plan(prog, plan, group)
         if group is None and not dist.is_initialized():
             init_from_env(timeout=timeout)
-        self.prog = prog
-        self.world = dist.get_world_size(group)
+        self.prog, self.plan = prog, plan
         gm = prog.trace_result.graph_module
         p = next(iter(gm.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
         wire = self.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        self.comm = Comm(group, wire, timeout, home=self.device)
-        self.rank = self.comm.rank
+        self.comm = Comm(group, wire, timeout, home=self.device)  # the whole job: agreement, initial sync
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self.grid = make_grid(len(plan.devices)) if plan is not None else Grid(self.world, 1, self.rank, 0)
+        self.data_comm = self.comm if self.grid.cols == 1 else Comm(self.grid.data_group, wire, timeout, self.device)
+        self.layer_comm = None if self.grid.cols == 1 else Comm(self.grid.layer_group, wire, timeout, self.device)
+        self.blocks_of = ({j: tuple(plan.assignment[d]) for j, d in enumerate(plan.devices)} if plan is not None
+                          else {0: tuple(b.name for b in prog.blocks)})
+        self.mine = self.blocks_of[self.grid.col]
         self.last_timings: dict[str, float] = {}
+        self.last_bytes: dict[str, int] = {}
         self._stage = self._tapped = None
         if dist.get_backend(group) == "gloo":  # names the ranks that never arrive
             with self.comm.guard("the other ranks (start-up barrier)"):
                 dist.monitored_barrier(group, timeout=timedelta(seconds=timeout), wait_all_ranks=True)
-        names = repr(("data", [(b.name, b.weight_shape) for b in prog.blocks], prog.config.inner_optimizer))
-        self.comm.check_same("the program's blocks and inner optimizer", float(zlib.crc32(names.encode())))
+        names = repr(("data", [(b.name, b.weight_shape) for b in prog.blocks], prog.config.inner_optimizer,
+                      self.grid.cols, sorted(self.blocks_of.items())))
+        self.comm.check_same("the program's blocks, inner optimizer and plan",
+                             float(zlib.crc32(names.encode())))
         if sync_initial:
             self._broadcast(with_params=True)
 
     # --------------------------------------------------------------------------------------------------- public
+    @property
+    def shard_index(self) -> int:
+        """Which of the :attr:`shards` rows of each global batch this rank passes to :meth:`step`."""
+        return self.grid.row
+
+    @property
+    def shards(self) -> int:
+        """Into how many shards each global batch is split (world size / ranks per shard)."""
+        return self.grid.rows
+
+    def shard(self, batch: Any) -> Any:
+        """This rank's rows of a global batch (a tensor or a tuple of them): ``shard(batch, shard_index, shards)``."""
+        return shard(batch, self.grid.row, self.grid.rows)
+
     def step(self, x: Any, y: Any) -> float:
-        """One step on this rank's shard ``(x, y)``; returns the whole batch's loss (the same on every rank)."""
-        prog, comm = self.prog, self.comm
-        comm.step += 1
+        """One step on this rank's shard ``(x, y)``; returns the whole batch's loss (the same on every rank).
+
+        Atomic on every rank: if any rank fails anywhere in the step (even after it committed its own new
+        weights, before the final agreement), every rank's weights, buffers and optimizer states are put back."""
+        prog = self.prog
+        for c in self._comms():
+            c.step += 1
         prog.check_guards()
         stage = self._stage_for()
         gm = prog.trace_result.graph_module
-        saved = {n: b.detach().clone() for n, b in gm.named_buffers()}
+        journal = prog.begin_step()
+        self.last_bytes = {"nonblock": 0, "blocks": 0, "control": 0}
         t0 = time.perf_counter()
         try:
-            comm.phase = "forward/backward"
+            self._phase("forward/backward")
             error, local = None, []
-            params = [gm.get_parameter(n) for n in stage.layout.params.get(0, ())]
+            nonblock = stage.layout.params.get(0, ())
+            params = [gm.get_parameter(n) for n in nonblock]
             env = tap_g = None
             n_local = _rows(x)
             try:
@@ -156,42 +167,41 @@ class DataParallelTrainer:
                 loss = stage.loss(env, labels, prog.loss_fn, prog.trace_result.out_spec)
                 self._check_finite("the task loss (this rank's shard)", loss)
                 tap_g, param_g, _ = stage.backward(env, loss, [], [], params)
-                local = [loss.detach().reshape(1) * n_local, *(g * n_local for g in param_g)]
+                local = [loss.detach().reshape(1).double() * n_local, *(g * n_local for g in param_g)]
             except Exception as e:
                 error = e
                 local = [torch.zeros(1, dtype=torch.float64), *(torch.zeros_like(p) for p in params)]
             count = torch.tensor([float(n_local)], dtype=torch.float64)
-            summed, bad = comm.all_reduce([count, *local], failed=error is not None)
-            if bad:
-                comm.phase = "agreement"
-                comm.agree(error)  # raises on every rank
+            summed = self._all_reduce([count, *local], error, ["control", "control"] + ["nonblock"] * len(params))
             total = float(summed[0])
             loss_value = float(summed[1]) / total
-            grads = {n: g / total for n, g in zip(stage.layout.params.get(0, ()), summed[2:])}
+            grads = {n: g / total for n, g in zip(nonblock, summed[2:])}
             t1 = time.perf_counter()
-            comm.phase = "inner loops"
+            self._phase("inner loops")
             w = n_local / total  # this shard's share of the batch mean (module docstring)
             xs, targets = stage.targets(env, [g * w for g in tap_g], prog.config.target, prog.config.gamma)
             del env
             outs = self._inner(xs, targets)
+            if self.layer_comm is not None:
+                self._phase("weight broadcast")
+                outs = self._exchange(outs)
+            if any(True for _ in gm.buffers()):
+                self._phase("buffer broadcast")
+                self._broadcast(with_params=False)
             t2 = time.perf_counter()
-            comm.phase = "agreement"
+            self._phase("commit")
             error = None
             try:
                 for name, g in grads.items():
                     self._check_finite(f"the gradient of non-block parameter {name!r}", g)
+                prog.commit(outs, grads, journal)
             except Exception as e:
                 error = e
-            comm.agree(error)
+            self._phase("agreement")  # the last message of the step: after it nothing can fail
+            self.comm.agree(error)
         except BaseException:
-            with torch.no_grad():  # leave the model exactly as it was
-                for n, b in gm.named_buffers():
-                    b.copy_(saved[n])
+            prog.undo_step(journal)  # weights, buffers, inner and outer state as before the step
             raise
-        prog.commit(outs, grads)
-        if saved:
-            comm.phase = "buffer broadcast"
-            self._broadcast(with_params=False)
         t3 = time.perf_counter()
         self.last_timings = {"forward": t1 - t0, "inner": t2 - t1, "update": t3 - t2, "total": t3 - t0}
         prog.last_timings = dict(self.last_timings)
@@ -202,15 +212,70 @@ class DataParallelTrainer:
         """The model's parameters and buffers (copies; the same on every rank)."""
         return {k: v.detach().clone() for k, v in self.prog.model.state_dict().items()}
 
+    def checkpoint(self) -> dict[str, Any]:
+        """``{"model": model.state_dict(), "program": prog.state_dict()}``: everything a resume needs, the same on
+        every rank and independent of the number of ranks (the shards' sums are the whole batch's)."""
+        return {"model": self.state_dict(), "program": self.prog.state_dict()}
+
+    def save(self, path: str) -> None:
+        """Rank 0 writes :meth:`checkpoint` to ``path`` (via a temporary file in the same folder, then renamed);
+        every rank returns once it is written, or raises if rank 0 could not write it."""
+        error = None
+        if self.rank == 0:
+            try:
+                tmp = f"{path}.tmp{os.getpid()}"
+                torch.save(self.checkpoint(), tmp)
+                os.replace(tmp, path)
+            except Exception as e:
+                error = e
+        self._phase("checkpoint save")
+        self.comm.agree(error)
+
+    def load(self, checkpoint: str | Mapping[str, Any]) -> None:
+        """Resume from :meth:`save`'s file (read by every rank: a shared file system) or a :meth:`checkpoint`
+        dict, with the same or another number of ranks; later steps continue as if never stopped. Raises on
+        every rank if any rank could not load it or the ranks loaded different states."""
+        error = None
+        try:
+            state = (torch.load(checkpoint, map_location=self.device, weights_only=True)
+                     if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
+            self.prog.model.load_state_dict(state["model"])
+            self.prog.load_state_dict(state["program"])
+        except Exception as e:
+            error = e
+        self._phase("checkpoint load")
+        self.comm.agree(error)
+        gm = self.prog.trace_result.graph_module
+        value = sum(float(p.detach().double().sum()) for p in gm.parameters()) + self.prog.step_count
+        self.comm.check_same("the loaded checkpoint (parameters and step count)", value)
+
     # -------------------------------------------------------------------------------------------------- helpers
+    def _comms(self) -> list[Comm]:
+        return [c for c in (self.comm, self.data_comm, self.layer_comm) if c is not None]
+
+    def _phase(self, name: str) -> None:
+        for c in self._comms():
+            c.phase = name
+
+    def _all_reduce(self, tensors: list[torch.Tensor], error: BaseException | None, kinds: list[str]) -> list:
+        """Sums over this rank's data-parallel group, counted in ``last_bytes`` by kind; raises everywhere (in
+        this group) when a rank of it failed."""
+        for t, k in zip(tensors, kinds):
+            self.last_bytes[k] += t.numel() * t.element_size()
+        self.last_bytes["control"] += 8  # the failure flag
+        summed, bad = self.data_comm.all_reduce(tensors, failed=error is not None)
+        if bad:
+            self.data_comm.agree(error)
+        return summed
+
     def _inner(self, xs: dict, targets: dict) -> dict[str, tuple]:
-        """Every block's new weights and inner state, from all-reduced sums (identical on every rank)."""
-        prog, comm, cfg = self.prog, self.comm, self.prog.config
+        """This rank's blocks' new weights and inner state, from all-reduced sums (identical across the group)."""
+        prog, cfg = self.prog, self.prog.config
         gm = prog.trace_result.graph_module
-        blocks = prog.blocks
+        blocks = [b for b in prog.blocks if b.name in self.mine]
         params = {b.name: tuple(gm.get_parameter(p).detach() for p in b.params) for b in blocks}
-        xs = {k: v.contiguous() for k, v in xs.items()}
-        targets = {k: v.contiguous() for k, v in targets.items()}
+        xs = {b.name: xs[b.name].contiguous() for b in blocks}
+        targets = {b.name: targets[b.name].contiguous() for b in blocks}
 
         def reduce(fn, shapes_of):
             error, local = None, []
@@ -219,9 +284,7 @@ class DataParallelTrainer:
                     local.extend(fn(b))
             except Exception as e:
                 error, local = e, [torch.zeros(s, dtype=d) for b in blocks for s, d in shapes_of(b)]
-            summed, bad = comm.all_reduce(local, failed=error is not None)
-            if bad:
-                comm.agree(error)
+            summed = self._all_reduce(local, error, ["blocks"] * len(local))
             out, i = {}, 0
             for b in blocks:
                 k = len(shapes_of(b))
@@ -235,7 +298,7 @@ class DataParallelTrainer:
                            lambda b: shapes[b.name])
             return {b.name: dp_math.solve_stats(b, cfg, params[b.name], stats[b.name]) for b in blocks}
         anchor = dict(params)
-        state = dict(prog.inner_state)
+        state = {b.name: prog.inner_state[b.name] for b in blocks}
         lrs = {b.name: torch.tensor(prog.effective_inner_lr, dtype=xs[b.name].dtype, device=xs[b.name].device)
                for b in blocks}
         for k in range(cfg.steps):
@@ -246,6 +309,24 @@ class DataParallelTrainer:
                     b, cfg, grads[b.name], state[b.name], params[b.name], anchor[b.name], lrs[b.name], k)
         return {b.name: (*params[b.name], *state[b.name]) for b in blocks}
 
+    def _exchange(self, mine: dict[str, tuple]) -> dict[str, tuple]:
+        """Hybrid: every column's blocks' results (weights, then inner state) broadcast across this row."""
+        prog = self.prog
+        gm = prog.trace_result.graph_module
+        by_name = {b.name: b for b in prog.blocks}
+        results: dict[str, tuple] = {}
+        for j, names in sorted(self.blocks_of.items()):
+            flat: list[torch.Tensor] = []
+            for name in names:
+                if j == self.grid.col:
+                    results[name] = tuple(mine[name])
+                else:
+                    like = [gm.get_parameter(p) for p in by_name[name].params] + list(prog.inner_state[name])
+                    results[name] = tuple(torch.empty_like(v, memory_format=torch.contiguous_format) for v in like)
+                flat.extend(results[name])
+            self.layer_comm.broadcast(flat, j)
+        return results
+
     def _stage_for(self):
         """The whole model as one stage (rebuilt when the tapped graph changed, e.g. after model.eval())."""
         tapped = self.prog.tapped
@@ -255,7 +336,7 @@ class DataParallelTrainer:
         return self._stage
 
     def _broadcast(self, with_params: bool) -> None:
-        """Rank 0's buffers (and parameters and inner state) to every rank."""
+        """Rank 0's buffers (and parameters and inner state) to every rank of the job."""
         gm = self.prog.trace_result.graph_module
         tensors = [b for _, b in gm.named_buffers()]
         if with_params:
@@ -267,6 +348,24 @@ class DataParallelTrainer:
         if self.prog.config.check_finite and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"rank {self.rank}: {what} has NaN/inf values; the model was left unchanged. "
                                  "Lower Config.gamma or the learning rates, or check the inputs and the loss.")
+
+
+def _check_plan(prog: Any, plan: Plan | None, group: Any) -> None:
+    """ConfigError for plans the data-parallel runtime cannot combine with: partitioned ones, foreign ones."""
+    if plan is None:
+        return
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"plan must be an lwcompile Plan (prog.plan(...)), got {type(plan).__name__}.")
+    if plan.mode != "replicated":
+        raise ConfigError(f"data parallel × a {plan.mode!r} plan (a pipeline of stages) is not supported: use "
+                          "prog.plan(devices=L, mode='replicated') for a grid of data-parallel shards × L ranks "
+                          "that split the blocks, or DistributedTrainer(prog, plan) alone for the pipeline.")
+    if group is not None:
+        raise ConfigError("DataParallelTrainer(plan=...) builds its grid from the whole job: pass group=None.")
+    placed = sorted(b for bs in plan.assignment.values() for b in bs)
+    if placed != sorted(b.name for b in prog.blocks):
+        raise ConfigError(f"the plan places blocks {placed[:6]} but the program has "
+                          f"{sorted(b.name for b in prog.blocks)[:6]}; make the plan with this program's prog.plan().")
 
 
 def _rows(x: Any) -> int:
@@ -283,12 +382,15 @@ def _refuse_unsupported(prog: Any) -> None:
         raise ConfigError(f"module {sync[0]!r} is a SyncBatchNorm; the data-parallel runtime keeps BatchNorm "
                           "statistics per rank (like DDP without it): convert it to BatchNorm (or train in one "
                           "process).")
-    block_params = {p for b in prog.blocks for p in b.params}
-    tied = sorted(block_params & set(prog.nonblock))
-    if tied or any("tied weights" in w for w in prog.warnings):
-        what = tied[0] if tied else next(w for w in prog.warnings if "tied weights" in w)
-        raise ConfigError(f"tied weights ({what}): the data-parallel runtime does not train a block weight that is "
-                          "also used elsewhere yet; untie it, skip the block (Config.skip), or use "
-                          "DistributedTrainer with a replicated plan.")
+    gm = prog.trace_result.graph_module
+    outside = {id(gm.get_parameter(n)): n for n in prog.nonblock}
+    for b in prog.blocks:
+        for p in b.params:
+            if id(gm.get_parameter(p)) in outside or any("tied weights" in w for w in prog.warnings):
+                raise ConfigError(
+                    f"block {b.name!r}: parameter {p!r} is tied to a use outside the block (as "
+                    f"{outside.get(id(gm.get_parameter(p)), p)!r}); the data-parallel runtime cannot separate the "
+                    "two uses' gradients on a shard yet: untie it, skip the block (Config(skip=...)), or train "
+                    "with DistributedTrainer and a replicated plan.")
     if not math.isfinite(float(prog.config.gamma)):
         raise ConfigError("Config.gamma must be finite.")

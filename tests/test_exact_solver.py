@@ -94,6 +94,10 @@ def _lbfgs_minimizer(conv, W0, b0, x, a, lam, attrs):
     (2, 3, 4, 3, 1, 1, 2, 2, 6, 0.0),   # dilation, no prox (enough rows)
     (1, 4, 4, 3, 4, 1, 1, 1, 9, 0.3),   # depthwise conv1d
     (3, 2, 3, 2, 1, 1, 1, 1, 4, 0.2),   # conv3d
+    # stride 1, dilation 1, 2-D: the structured Gram path (passes/conv_gram.py), no patch matrix
+    (2, 4, 6, 3, 2, 1, 1, 1, 7, 0.5),   # groups
+    (2, 3, 4, 5, 1, 1, 2, 1, 6, 0.1),   # 5x5, padding 2
+    (2, 4, 4, 3, 4, 1, 0, 1, 6, 0.3),   # depthwise, no padding
 ])
 def test_conv_solution_equals_the_minimizer_found_through_conv_autograd(nd, cin, cout, k, groups, stride, padding,
                                                                        dilation, size, lam):

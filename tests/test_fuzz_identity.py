@@ -83,7 +83,8 @@ def check_identity(model, inputs, y, loss_fn, target: str, frontend: str = "auto
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     ref, ref_loss = sgd_reference(model, inputs, y, loss_fn, oracle_lr)
     cfg = lwcompile.Config(target=target, local_loss=PAIRS[target], gamma=GAMMA, steps=1, inner_optimizer="gd",
-                           inner_lr=ETA, outer_optimizer="sgd", outer_lr=ETA * GAMMA, frontend=frontend)
+                           inner_lr=ETA, outer_optimizer="sgd", outer_lr=ETA * GAMMA, frontend=frontend,
+                           fuse=True)  # identical blocks run fused (passes/fuse.py): the identity must hold so too
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
