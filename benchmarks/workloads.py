@@ -65,6 +65,12 @@ RECIPES: dict[str, lwcompile.Config] = {
     # benchmarks/recipe_workloads.py's study: best on the CNN, as good as "exact" on the MLP)
     "exact-rel": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=500.0,
                                   prox=1.0, prox_relative=True),
+    # LocoProp-S exact on the MLP/conv/feed-forward blocks only: attention projections and a tied output head (where
+    # the exact update, proportional to the gradient, barely moves q/k: benchmarks/lm_study.py) go to Adam 3e-3.
+    # On models with no attention or head of those names nothing is skipped.
+    "exact-ffn": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=2000.0,
+                                  prox=1.0, prox_relative=True, outer_lr=3e-3,
+                                  skip=("^head$", r"self_attn\.in_proj", "out_proj")),
 }
 ADAM_LRS, ADAMW_LRS, ADAMW_DECAY = (1e-3, 3e-3), (1e-3, 3e-3), 0.01
 BACKPROP = ("adam", "adamw", "soap", "shampoo", "muon")
