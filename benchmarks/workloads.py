@@ -65,6 +65,12 @@ RECIPES: dict[str, lwcompile.Config] = {
     # benchmarks/recipe_workloads.py's study: best on the CNN, as good as "exact" on the MLP)
     "exact-rel": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=500.0,
                                   prox=1.0, prox_relative=True),
+    # LocoProp-S exact on the MLP/conv/feed-forward blocks only: attention projections and a tied output head (where
+    # the exact update, proportional to the gradient, barely moves q/k: benchmarks/lm_study.py) go to Adam 3e-3.
+    # On models with no attention or head of those names nothing is skipped.
+    "exact-ffn": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=2000.0,
+                                  prox=1.0, prox_relative=True, outer_lr=3e-3,
+                                  skip=("^head$", r"self_attn\.in_proj", "out_proj")),
 }
 ADAM_LRS, ADAMW_LRS, ADAMW_DECAY = (1e-3, 3e-3), (1e-3, 3e-3), 0.01
 BACKPROP = ("adam", "adamw", "soap", "shampoo", "muon")
@@ -287,6 +293,33 @@ def available(methods: Sequence[Method], notes: list[str]) -> list[Method]:
         return [m for m in methods if m.family not in ("soap", "shampoo", "muon")]
 
 
+def parse_budgets(text: str | None, workloads: Sequence[str], default: float) -> dict[str, float]:
+    """``--budget``: "20" for all, or "20,autoencoder=40" (a bare number sets the rest), seconds > 0.
+
+    >>> parse_budgets("12,autoencoder=30", ["autoencoder", "mlp"], 20.0)
+    {'autoencoder': 30.0, 'mlp': 12.0}
+    """
+    rest, own = default, {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, value = part.rpartition("=")
+        try:
+            sec = float(value)
+        except ValueError:
+            raise ValueError(f"--budget: {part!r} is not seconds or WORKLOAD=seconds") from None
+        if not sec > 0:
+            raise ValueError(f"--budget: {part!r} must be > 0 seconds")
+        if name and name not in workloads:
+            raise ValueError(f"--budget: {name!r} is not one of the chosen workloads {', '.join(workloads)}")
+        if name:
+            own[name] = sec
+        else:
+            rest = sec
+    return {w: own.get(w, rest) for w in workloads}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated of {', '.join(WORKLOADS)}")
@@ -294,8 +327,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    f"shampoo, muon, defaults, {', '.join(RECIPES)} and any --recipes")
     p.add_argument("--recipes", action="append", default=[], metavar="NAME=KWARGS",
                    help="an extra lwcompile row, e.g. 'mine=gamma=100.0, steps=5' (repeatable)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="clocked seconds per method per workload (default 20; quick 0.25)")
+    p.add_argument("--budget", default=None, metavar="S|W=S,...",
+                   help="clocked seconds per method per workload (default 20; quick 0.25), or per workload, e.g. "
+                   "'20,autoencoder=40' (a bare number is the rest's)")
     p.add_argument("--eval-frac", type=float, default=None, help="evaluate every this fraction of the budget "
                    "(default 0.04; quick 0.2)")
     p.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps instead (0: by --eval-frac)")
@@ -321,22 +355,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if bad or any(w not in WORKLOADS for w in wl):
         p.error(f"unknown method or workload in {bad + [w for w in wl if w not in WORKLOADS]}; methods: "
                 f"{', '.join(names)}; workloads: {', '.join(WORKLOADS)}")
-    budget = a.budget if a.budget is not None else (0.25 if a.quick else 20.0)
+    try:
+        budgets = parse_budgets(a.budget, wl, 0.25 if a.quick else 20.0)
+    except ValueError as e:
+        p.error(str(e))
+    budget = max(budgets.values())
     eval_frac = a.eval_frac if a.eval_frac is not None else (0.2 if a.quick else 0.04)
     n_eval = a.n_eval if a.n_eval is not None else (128 if a.quick else 2000)
     notes: list[str] = []
     methods = available([m for m in table if m.name in chosen], notes)
     t_start = time.perf_counter()
     res: dict[str, Any] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                           "budget_s": budget, "eval_frac": eval_frac, "eval_steps": a.eval_steps, "seed": a.seed,
+                           "budget_s": budget, "budgets": budgets, "eval_frac": eval_frac, "eval_steps": a.eval_steps, "seed": a.seed,
                            "quick": a.quick, "methods": [m.name for m in methods], "recipes": {
                                n: describe(c) for n, c in recipes.items() if n in chosen}, "workloads": {},
                            "notes": notes}
-    print(f"CPU: {res['cpu']}; torch threads {res['threads']}; budget {budget:g} s per method per workload")
+    print(f"CPU: {res['cpu']}; torch threads {res['threads']}; budget (s per method) {budgets}")
     for w in wl:
         lw = WORKLOADS[w].load("digits" if a.quick and a.data_dir == "auto" else a.data_dir, seed=a.seed)
         lw = shrink(lw, n_eval, 512 if a.quick else None)
-        res["workloads"][w] = run_workload(lw, methods, budget, eval_frac, a.eval_steps, a.seed, notes)
+        res["workloads"][w] = run_workload(lw, methods, budgets[w], eval_frac, a.eval_steps, a.seed, notes)
     res["goals"] = goals(res["workloads"])
     res["total_s"] = time.perf_counter() - t_start
     plots = {f"loss_vs_seconds_{w}.png": (lambda path, w=w: plot_workload(res, w, path)) for w in res["workloads"]}

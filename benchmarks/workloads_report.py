@@ -123,11 +123,14 @@ def _run_row(r: dict[str, Any], targets: Sequence[float]) -> str:
 
 
 def format_markdown(res: dict[str, Any]) -> str:
+    budgets = res.get("budgets") or {w: res["budget_s"] for w in res["workloads"]}
     every = (f"every {res['eval_steps']} steps" if res["eval_steps"]
-             else f"every {100 * res['eval_frac']:g} % of the budget ({res['eval_frac'] * res['budget_s']:.2g} s)")
+             else f"every {100 * res['eval_frac']:g} % of the budget")
+    budget_text = (f"{res['budget_s']:g} s" if len(set(budgets.values())) <= 1
+                   else ", ".join(f"{w} {b:g} s" for w, b in budgets.items()))
     lines = ["# Workloads: time to train-loss targets, lwcompile against backprop optimizers", "",
              f"CPU: {res['cpu']}, {res['threads']} torch thread(s), torch {res['torch']}. Budget "
-             f"{res['budget_s']:g} s of clocked training per method per workload; the methods step in turn "
+             f"{budget_text} of clocked training per method per workload; the methods step in turn "
              "(round robin), from the same init and on the same batches; the clock is each method's own step time. "
              f"Train loss on each workload's fixed subset, evaluated off the clock {every} and when a run stops "
              "(budget, divergence, or below the tightest target): a time to a target is the first evaluation at or "

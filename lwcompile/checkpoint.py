@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 FORMAT = "lwcompile.Program.state_dict/1"
 # Config fields that change no number a step computes: a checkpoint may be resumed with other values.
 # compile_inner changes at most the float rounding of the same arithmetic (and falls back to eager where compiling
-# fails), so a run compiled on one machine may resume eagerly on another.
-_FREE_FIELDS = ("check_finite", "frontend", "reuse_preactivation", "compile_inner")
+# fails), so a run compiled on one machine may resume eagerly on another; fuse likewise (a bmm for N mm's).
+_FREE_FIELDS = ("check_finite", "frontend", "reuse_preactivation", "compile_inner", "fuse")
 
 
 def fingerprint(prog: Program) -> dict[str, Any]:

@@ -110,6 +110,15 @@ class Config:
       float rounding may differ slightly from eager's. A block whose graph fails to compile runs eagerly, warned
       once (:mod:`lwcompile.runtime.compiled`). The first step pays the compile time (seconds per block). Not part
       of a checkpoint's fingerprint: a run may resume with the other value (bit-identical only with the same one).
+    - ``fuse`` (bool, default True): run the inner loops of identical blocks (same op, parameter shapes, transfer
+      function and input shapes: the projections of every layer of a transformer) as one batched graph over their
+      stacked weights, inputs, targets and optimizer state (:mod:`lwcompile.passes.fuse`): one launch per op
+      instead of N, for blocks small enough that per-op overhead dominates (at most
+      ``passes.fuse.FUSE_MAX_MACS`` multiply-adds each on the example batch; larger ones ran slower batched on a
+      CPU). The same arithmetic per block (float rounding may differ: a bmm instead of N mm's). Only
+      ``Program.step`` without a runner fuses; the distributed runtimes and ONNX export run every block's own
+      graph, and the exact solve is never fused (``prog.fusion.notes`` says which blocks and why). Not part of a
+      checkpoint's fingerprint.
 
     The inner learning rate's schedule over training (positions count ``Program.step`` calls, i.e. the program's
     ``step_count``; not the T inner iterations, which ``inner_lr_decay`` shapes). The next step's inner lr is
@@ -167,6 +176,7 @@ class Config:
     check_finite: bool = True
     reuse_preactivation: bool = True
     compile_inner: bool = False
+    fuse: bool = True
     inner_lr_warmup_steps: int = 0
     inner_lr_warmup_start: float = 0.0
     inner_lr_anneal: str = "none"
@@ -235,6 +245,8 @@ class Config:
             raise ConfigError(f"Config.reuse_preactivation={self.reuse_preactivation!r}: must be True or False.")
         if not isinstance(self.compile_inner, bool):
             raise ConfigError(f"Config.compile_inner={self.compile_inner!r}: must be True or False.")
+        if not isinstance(self.fuse, bool):
+            raise ConfigError(f"Config.fuse={self.fuse!r}: must be True or False.")
         _check_schedule(self)
 
     def optimizer_options(self) -> dict[str, Any]:

@@ -228,7 +228,8 @@ def block_shapes(static: torch.fx.GraphModule, dynamic: torch.fx.GraphModule, si
 def dynamic_inner_graph(prog, block, shapes, preact: bool = False) -> tuple[torch.fx.GraphModule, tuple]:
     """Block ``block``'s inner-update graph traced with a symbolic batch: ``shapes`` (from :func:`block_shapes`)
     give x's and the target's example shapes and which of their dimensions follow the batch; ``preact``: the
-    variant that takes the forward pass's pre-activation (shaped like the target, after ``lr``)."""
+    variant that takes the forward pass's pre-activation (shaped like the target, after ``lr``). The graph takes
+    the target's offset (the target graph's ``offset:<block>`` output), as the program's own graphs do."""
     (x_shape, x_dyn), (t_shape, t_dyn) = shapes
     dtype = _value(prog, block.weight).dtype
     example = list(inner_example(block, prog.config, x_shape[0], dtype=dtype, preact=preact))
@@ -239,7 +240,7 @@ def dynamic_inner_graph(prog, block, shapes, preact: bool = False) -> tuple[torc
         example[n + 3] = torch.zeros(t_shape, dtype=dtype)
         dyn[n + 3] = t_dyn
     ex = symbolic_examples(example, [dyn.get(i, ()) for i in range(len(example))])
-    gm = build_inner_graph(block, prog.config, ex.tensors, preact=preact)
+    gm = build_inner_graph(block, prog.config, ex.tensors, preact=preact, offset=True)  # as Program.step runs it
     check_batch_dynamic(ex, f"inner/{block.name}")
     return gm, ex.tensors
 
@@ -339,7 +340,9 @@ def program_manifest(prog, devices: Mapping[str, str], batch: Mapping[str, int],
                    "loss": "loss", "block_inputs": {b: f"block_input:{b}" for b in sig.blocks},
                    "targets": {b: f"target:{b}" for b in sig.blocks},
                    "grads": {p: f"grad:{p}" for p in sig.nonblock},
-                   "preacts": {b: f"preact:{b}" for b in sig.blocks} if sig.preacts else {}},
+                   "preacts": {b: f"preact:{b}" for b in sig.blocks} if sig.preacts else {},
+                   # what each inner graph's "offset" input takes (training artifacts take the targets)
+                   "offsets": {b: f"offset:{b}" for b in sig.blocks} if sig.offsets else {}},
         "params": list(sig.params), "buffers": list(sig.buffers), "nonblock": list(sig.nonblock),
         "blocks": blocks, "params_file": "params.npz", "buffers_file": "buffers.npz",
     }

@@ -1,8 +1,9 @@
-"""The compile pipeline: model → trace → partition → tap, one list a newcomer can read.
+"""The compile pipeline: model → trace → partition → tap → fuse, one list a newcomer can read.
 
 Each stage is a :class:`Stage` in the manner of ``torch.fx.passes.infra``'s ``PassBase``: ``requires`` checks its
 pre-conditions, ``call`` does the work, ``ensures`` checks what it promised; each returns a small frozen record
-(``TraceResult``, ``Partition``, the tapped ``GraphModule``). :func:`compile_model` runs :data:`PIPELINE` in order
+(``TraceResult``, ``Partition``, the tapped ``GraphModule``, ``FusedGroups``). :func:`compile_model` runs
+:data:`PIPELINE` in order
 and returns a :class:`Compiled` record; the target and inner graphs are emitted later, per batch shape, by the
 Program (:mod:`lwcompile.passes.targets`, :mod:`lwcompile.passes.inner`).
 
@@ -11,7 +12,7 @@ Example:
     >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     >>> c = compile_model(m, torch.nn.functional.mse_loss, (torch.randn(5, 3),), lwcompile.Config())
     >>> [s.name for s in PIPELINE], [b.name for b in c.partition.blocks]
-    (['trace', 'partition', 'tap'], ['0', '2'])
+    (['trace', 'partition', 'tap', 'fuse'], ['0', '2'])
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from lwcompile.errors import PartitionError, TraceError
 from lwcompile.guards import Guards, snapshot
 from lwcompile.ir import TraceResult
 from lwcompile.passes.checks import ensures_partition, ensures_tap
+from lwcompile.passes.fuse import FusedGroups, ensures_fuse, fuse_groups, requires_fuse
 from lwcompile.passes.partition import Partition, partition
 from lwcompile.passes.targets import is_cumulative_batch_norm, tap
 from lwcompile.passes.trace import EXPORT, trace
@@ -41,6 +43,7 @@ class Compiled:
     tapped: fx.GraphModule  # the traced model, also returning every block's x, â, [ŷ]
     param_names: tuple[str, ...]  # one name per parameter tensor, the target graph's order
     buffer_names: tuple[str, ...]
+    fused: FusedGroups = FusedGroups()  # identical blocks whose inner loops run as one batched graph
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ PIPELINE: tuple[Stage, ...] = (
           ensures=lambda env, part: ensures_partition(env["trace"].graph_module, part)),
     Stage("tap", lambda env: tap(env["trace"].graph_module, env["partition"].blocks),
           ensures=lambda env, tapped: ensures_tap(tapped, env["partition"].blocks)),
+    Stage("fuse", lambda env: fuse_groups(env["partition"].blocks, env["config"]),
+          requires=lambda env: requires_fuse(env["partition"].blocks),
+          ensures=lambda env, fused: ensures_fuse(env["partition"].blocks, env["config"], fused)),
 )
 
 
@@ -89,7 +95,7 @@ def compile_model(model: nn.Module, loss_fn: Any, example_inputs: tuple, config:
         env[stage.name] = out
     gm = env["trace"].graph_module
     return Compiled(env["guards"], env["trace"], env["partition"], env["tap"],
-                    tuple(n for n, _ in gm.named_parameters()), tuple(n for n, _ in gm.named_buffers()))
+                    tuple(n for n, _ in gm.named_parameters()), tuple(n for n, _ in gm.named_buffers()), env["fuse"])
 
 
 def refuse_unsupported_modules(model: nn.Module, cause: BaseException | None = None) -> None:

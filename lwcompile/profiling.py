@@ -24,7 +24,7 @@ def profile_blocks(prog: Program, x: Any, y: Any, repeats: int = 3) -> dict[str,
     """Block name -> seconds of its inner loop on this batch (median of ``repeats``); nothing in the model changes."""
     with preserved_state(prog.model):  # the forward would move BatchNorm statistics
         res = prog.compute_targets(x, y)
-    jobs = prog.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"])
+    jobs = prog.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"], offsets=res["offsets"])
     out = {}
     with torch.no_grad():
         for name, (fn, args) in jobs.items():

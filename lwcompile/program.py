@@ -32,6 +32,8 @@ from lwcompile.program_tools import ProgramTools
 from lwcompile.schedule import schedule_factor
 from lwcompile import checkpoint, rollback
 from lwcompile.runtime.compiled import CompiledGraphs
+from lwcompile.passes.fuse import FusedGroups
+from lwcompile.runtime.fused import FusedCache, run_fused
 from lwcompile.runtime.local import Runner, check_runnable, run_jobs
 
 
@@ -66,6 +68,7 @@ class Program(ProgramTools):
         self._inner_cache: dict[tuple, fx.GraphModule] = {}
         self._shared_inner = SharedInnerGraphs(config)  # what step runs: one graph per conv kind, checked
         self._compiled_inner = CompiledGraphs() if config.compile_inner else None  # Config.compile_inner
+        self._fused_cache = FusedCache(self._compiled_inner.get if self._compiled_inner is not None else None)
         self._last_target: tuple[fx.GraphModule, TargetSignature] | None = None
         self._compile()
         opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
@@ -87,7 +90,9 @@ class Program(ProgramTools):
                 "; ".join(differences(old.guards, c.guards)) + "); call lwcompile.transform again.")
         self._compiled = c
         self._inner_sigs = {b.name: inner_signature(b, self.config) for b in c.partition.blocks}
-        self._preact_sigs = {n: dataclasses.replace(s, preact=True) for n, s in self._inner_sigs.items()}
+        # (preact, offset) -> the variant's signature, per block (the two flags only rename and add inputs)
+        self._sig_variants = {n: {(p, o): dataclasses.replace(s, preact=p, offset=o) for p in (False, True)
+                                  for o in (False, True)} for n, s in self._inner_sigs.items()}
         self._blocks_by_name = {b.name: b for b in c.partition.blocks}
         self._inner_keys = {b.name: inner_key(b, self.config) for b in c.partition.blocks}
         self._target_cache.clear()
@@ -148,6 +153,13 @@ class Program(ProgramTools):
         return self.trace_result.frontend
 
     @property
+    def fusion(self) -> FusedGroups:
+        """The fuse pass's record (``Config.fuse``): the groups of identical blocks whose inner loops ``step`` runs
+        as one batched graph, and notes on blocks left unfused and why (see :mod:`lwcompile.passes.fuse`)."""
+        f = self._compiled.fused
+        return dataclasses.replace(f, notes=f.notes + tuple(self._fused_cache.notes))
+
+    @property
     def warnings(self) -> tuple[str, ...]:
         """Notes from compiling: why a front end was passed over, ops treated as identity, tied weights."""
         return tuple(self.trace_result.notes) + tuple(self.partition.warnings)
@@ -178,7 +190,8 @@ class Program(ProgramTools):
     def _signature(self, n_inputs: int, n_labels: int) -> TargetSignature:
         c = self._compiled
         return TargetSignature(c.param_names, c.buffer_names, n_inputs, n_labels,
-                               tuple(b.name for b in self.blocks), self.nonblock, self.config.reuse_preactivation)
+                               tuple(b.name for b in self.blocks), self.nonblock, self.config.reuse_preactivation,
+                               offsets=True)  # the inner graphs step runs take each target's offset (full precision)
 
     def _target_for(self, inputs: tuple, labels: tuple) -> tuple[fx.GraphModule, TargetSignature]:
         key = (_key(inputs), _key(labels))
@@ -220,38 +233,41 @@ class Program(ProgramTools):
 
     def inner_graph(self, name: str, batch: int | None = None, dtype: torch.dtype | None = None,
                     shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
-                    preact: bool | None = None) -> fx.GraphModule:
+                    preact: bool | None = None, offset: bool = True) -> fx.GraphModule:
         """The inner-update GraphModule of block ``name`` for a batch size (default: the example's) and dtype
         (default: the block weight's); ``shapes`` = (input shape, target shape) overrides the batch size.
         ``preact``: whether the graph also takes the forward pass's pre-activation (see :meth:`inner_signature`);
-        default ``Config.reuse_preactivation``, i.e. the graph ``step`` runs."""
+        default ``Config.reuse_preactivation``, i.e. the graph ``step`` runs. ``offset`` (default True, what
+        ``step`` runs): the graph takes the target's offset (``compute_targets(...)["offsets"]``); False: the
+        target itself (less precise: see :func:`lwcompile.passes.inner.make_inner_fn`)."""
         preact = self.config.reuse_preactivation if preact is None else preact
         block = self._block(name)
         b = block.input_shape[0] if batch is None else batch
         dtype = self._param(block.weight).dtype if dtype is None else dtype
         xs, ts = shapes if shapes is not None else ((b, *block.input_shape[1:]), (b, *block.output_shape[1:]))
         # keyed by the block's structure, not its name: identical blocks share one traced graph
-        key = (self._inner_keys[block.name], tuple(xs), tuple(ts), dtype, preact)
+        key = (self._inner_keys[block.name], tuple(xs), tuple(ts), dtype, preact, offset)
         if key not in self._inner_cache:
             example = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts),
                                     preact=preact)
-            self._inner_cache[key] = build_inner_graph(block, self.config, example, preact=preact)
+            self._inner_cache[key] = build_inner_graph(block, self.config, example, preact=preact, offset=offset)
         return self._inner_cache[key]
 
     @property
     def inner_graphs(self) -> Mapping[str, fx.GraphModule]:
-        """Block name -> inner-update GraphModule: (weights, x, target, lr, [â,] optimizer state) -> (new weights,
-        state), traced for each block's shapes: the graphs ``step`` runs (â with ``Config.reuse_preactivation``), or
-        for convolutions of one kind the same code traced once for another block's sizes
-        (:mod:`lwcompile.passes.inner_share`)."""
+        """Block name -> inner-update GraphModule: (weights, x, offset, lr, [â,] optimizer state) -> (new weights,
+        state), traced for each block's shapes: the graphs ``step`` runs (â with ``Config.reuse_preactivation``;
+        offset: the target's, see :meth:`inner_graph`), or for convolutions of one kind the same code traced once
+        for another block's sizes (:mod:`lwcompile.passes.inner_share`)."""
         return {b.name: self.inner_graph(b.name) for b in self.blocks}
 
-    def inner_signature(self, name: str, preact: bool | None = None) -> InnerSignature:
+    def inner_signature(self, name: str, preact: bool | None = None, offset: bool = True) -> InnerSignature:
         """Block ``name``'s inner graph signature (inputs and outputs by name); ``preact`` (default
-        ``Config.reuse_preactivation``): the variant that takes the pre-activation â after ``lr``."""
+        ``Config.reuse_preactivation``): the variant that takes the pre-activation â after ``lr``; ``offset``
+        (default True): the variant that takes the target's offset instead of the target (:meth:`inner_graph`)."""
         preact = self.config.reuse_preactivation if preact is None else preact
         self._block(name)  # the helpful KeyError
-        return self._preact_sigs[name] if preact else self._inner_sigs[name]
+        return self._sig_variants[name][(bool(preact), bool(offset))]
 
     def _block(self, name: str) -> Block:
         b = self._blocks_by_name.get(name)
@@ -280,14 +296,18 @@ class Program(ProgramTools):
                     "is on the model's device.") from e
         res = sig.unpack(outs)
         return {"loss": res.loss, "inputs": dict(res.inputs), "targets": dict(res.targets), "grads": dict(res.grads),
-                "preacts": dict(res.preacts)}
+                "preacts": dict(res.preacts), "offsets": dict(res.offsets)}
 
     def inner_jobs(self, inputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
                    names: Sequence[str] | None = None,
-                   preacts: Mapping[str, torch.Tensor] | None = None) -> dict:
+                   preacts: Mapping[str, torch.Tensor] | None = None,
+                   offsets: Mapping[str, torch.Tensor] | None = None) -> dict:
         """Block name -> (inner graph, its arguments) for one step (only the blocks in ``names``, when given).
         A block whose pre-activation is in ``preacts`` (``compute_targets(...)["preacts"]``) gets the graph that
-        reuses it instead of recomputing it. With ``Config.compile_inner`` the graph's compiled callable
+        reuses it instead of recomputing it. A block whose target offset is in ``offsets``
+        (``compute_targets(...)["offsets"]``, what ``step`` passes) gets the offset-form graph, exact to the
+        precision of γ·g; without it, the target-form graph on ``targets`` (today's numbers: s(z) − t loses
+        eps·|â| where γ·g is tiny next to â). With ``Config.compile_inner`` the graph's compiled callable
         (:mod:`lwcompile.runtime.compiled`) instead of the graph."""
         jobs = {}
         lrs: dict[tuple, torch.Tensor] = {}  # one lr tensor per dtype and device, not per block
@@ -295,7 +315,9 @@ class Program(ProgramTools):
             if names is not None and b.name not in names:
                 continue
             x = inputs[b.name].contiguous()  # the inner graphs are traced for contiguous inputs
-            t = targets[b.name].contiguous()
+            d = (offsets or {}).get(b.name)
+            off = d is not None
+            t = (d if off else targets[b.name]).contiguous()
             z = (preacts or {}).get(b.name)
             if z is not None and (z.shape != t.shape or z.dtype != t.dtype):
                 z = None  # not the graph's input layout: recompute it rather than guess
@@ -303,13 +325,13 @@ class Program(ProgramTools):
             lr = lrs.get((x.dtype, x.device))
             if lr is None:
                 lr = lrs[(x.dtype, x.device)] = torch.tensor(self.effective_inner_lr, dtype=x.dtype, device=x.device)
-            sig = self.inner_signature(b.name, preact=z is not None)
+            sig = self.inner_signature(b.name, preact=z is not None, offset=off)
             args = sig.pack([self._param(p).detach() for p in b.params], x, t, lr, self._inner_state[b.name], z)
             shapes = (tuple(x.shape), tuple(t.shape))
             gm = self._shared_inner.get(
                 b, x.dtype, *shapes, z is not None,
-                own=lambda b=b, x=x, shapes=shapes, z=z: self.inner_graph(b.name, dtype=x.dtype, shapes=shapes,
-                                                                         preact=z is not None))
+                own=lambda b=b, x=x, shapes=shapes, z=z, off=off: self.inner_graph(
+                    b.name, dtype=x.dtype, shapes=shapes, preact=z is not None, offset=off), offset=off)
             jobs[b.name] = (gm if self._compiled_inner is None else self._compiled_inner.get(b.name, gm), args)
         return jobs
 
@@ -335,8 +357,13 @@ class Program(ProgramTools):
                                    + [(f"the gradient of non-block parameter {n!r}", g)
                                       for n, g in res["grads"].items()])
             t1 = time.perf_counter()
-            jobs = self.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"])
-            outs = runner.run_jobs(jobs) if runner is not None else run_jobs(jobs, assignment)
+            jobs = self.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"], offsets=res["offsets"])
+            if runner is not None:  # a runner (the distributed runtime) gets every block's own job
+                outs = runner.run_jobs(jobs)
+            elif self._compiled.fused.groups:  # Config.fuse: identical blocks as one batched job
+                outs = run_fused(jobs, self._compiled.fused, assignment, self._fused_cache, run=run_jobs)
+            else:
+                outs = run_jobs(jobs, assignment)
             t2 = time.perf_counter()
             self.commit(outs, res["grads"], journal)
         except BaseException:

@@ -114,14 +114,24 @@ def check_exact(block: Block, config: Config, batch: int | None = None) -> None:
         raise ConfigError(f"block {block.name!r} ({block.op}): the exact inner solve handles linear, matmul and "
                           "conv1d/2d/3d blocks, not transposed convolutions; skip the block (Config.skip) or use an "
                           "iterative inner optimizer.")
-    if block.op not in ("linear", "matmul") and not block.op.startswith("conv"):
+    if block.op == "baddbmm":
+        raise ConfigError(f"block {block.name!r} (baddbmm): the exact inner solve handles linear, matmul, addmm and "
+                          "conv1d/2d/3d blocks, not batched baddbmm weights (a bias shared across the batch of "
+                          "matrices couples their problems); use an iterative inner optimizer or skip the block "
+                          "(Config.skip).")
+    if block.op not in ("linear", "matmul", "addmm") and not block.op.startswith("conv"):
         raise ConfigError(f"block {block.name!r}: op {block.op!r} has no exact inner solve.")
+    if block.op == "addmm" and block.bias is not None and len(attrs.get("bias_shape", ())) > 1 and (
+            attrs["bias_shape"][0] != 1):
+        raise ConfigError(f"block {block.name!r} (addmm): its bias of shape {attrs['bias_shape']} holds a value per "
+                          "row, not per output; the exact inner solve fits a bias shared by the rows ((out,) or "
+                          "(1, out)): use an iterative inner optimizer.")
     if attrs.get("padding_mode", "zeros") != "zeros":
         raise ConfigError(f"block {block.name!r}: padding_mode={attrs['padding_mode']!r}; the exact inner solve "
                           "unfolds zero-padded inputs only: use padding_mode='zeros' or an iterative inner optimizer.")
     if block.op.startswith("conv") and not all(isinstance(p, int) for p in attrs.get("padding", ())):
         raise ConfigError(f"block {block.name!r}: padding {attrs.get('padding')!r} is not a tuple of ints.")
-    if block.op == "matmul" and len(block.weight_shape) != 2:
+    if block.op in ("matmul", "addmm") and len(block.weight_shape) != 2:
         raise ConfigError(f"block {block.name!r}: a matmul weight of shape {block.weight_shape} is not a matrix.")
     if config.prox == 0 and block.weight not in block.frozen:
         _, rows, cols, _ = exact_problem(block, batch)
@@ -133,11 +143,15 @@ def check_exact(block: Block, config: Config, batch: int | None = None) -> None:
 
 
 # ---------------------------------------------------------------- the inner function
-def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
+                  offset: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``(W, [b], x, target, lr[, â]) -> (W', [b'])``: the exact minimizer of the block's local problem.
 
     ``preact_given=True`` adds the forward pass's pre-activation â = op(x; W, b) as the last input, saving the
     recomputation of Z = XWᵀ (2·rows·D·O FLOPs, about a quarter of the solve; ``Config.reuse_preactivation``).
+    ``offset=True``: the input after x is the target's offset d = â − a (γ·∂L/∂â), and the residual at the
+    current weights is R = A − Z = −d exactly: neither Z nor A is formed (â, when given, is not read), so R keeps
+    the precision of γ·∂L/∂â instead of losing eps·|â| to A − Z.
     """
     check_exact(block, config)
     from lwcompile.passes.exact_stats import solve_stats  # it imports this module (for spd_solve)
@@ -149,6 +163,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
     relative = bool(config.prox_relative)
     per_output = config.residual_norm == "output"
     op = block.op
+    beta = float(attrs.get("beta", 1)) if op == "addmm" else 1.0  # addmm: z = β·b + α·xW (α is in the design)
 
     structured = op.startswith("conv") and conv_gram_applies(tuple(block.weight_shape[2:]), tuple(attrs["stride"]),
                                                                tuple(attrs["dilation"]))
@@ -158,11 +173,15 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
         b = flat[1] if has_bias else None
         x, target = flat[1 + has_bias], flat[2 + has_bias]
         if structured:  # stride-1 2-D conv: the sums without a patch matrix (passes/conv_gram.py)
-            Z = flat[4 + has_bias] if preact_given else F.conv2d(x, W, b, 1, tuple(attrs["padding"]), 1,
-                                                                 int(attrs["groups"]))
-            R = target - Z
-            stats = conv_stats(x, W, equalize_outputs(R, (0, *range(2, R.dim()))) if per_output else R,
-                               tuple(attrs["padding"]), int(attrs["groups"]), has_bias)
+            if offset:  # target is d = â − a: the residual is −d exactly
+                R = -target
+            else:
+                Z = flat[4 + has_bias] if preact_given else F.conv2d(x, W, b, 1, tuple(attrs["padding"]), 1,
+                                                                     int(attrs["groups"]))
+                R = target - Z
+            if per_output:  # every output channel over (N, *spatial)
+                R = equalize_outputs(R, (0, *range(2, R.dim())))
+            stats = conv_stats(x, W, R, tuple(attrs["padding"]), int(attrs["groups"]), has_bias)
             return solve_stats(block, flat[:1 + has_bias], stats, prox, relative)
         chunks = _conv_chunks(op, attrs, x, target, W, fit_w, fit_b, prox)
         if chunks is not None:  # a large conv: the normal equations summed over chunks of the batch
@@ -171,21 +190,24 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False) -> C
                                      "at once and this conv's exact solve is chunked over the batch: skip the block "
                                      "(Config.skip) or use residual_norm='none'.")
             dW, db = _solve_chunked(op, attrs, x, target, flat[4 + has_bias] if preact_given else None, W, b,
-                                    chunks, fit_b, prox, block.name, relative)
+                                    chunks, fit_b, prox, block.name, relative, offset)
             new_w = _weight_from_cols(op, W, dW)
             new_b = (b + db.reshape(b.shape)) if fit_b else b
             return (new_w, new_b) if has_bias else (new_w,)
         X, A, groups = _design(op, attrs, x, target, W)
-        if preact_given:
+        if offset:  # target is d = â − a: R = A − Z = −d (the design's A is d's rows)
+            R = -A
+        elif preact_given:
             Z = _out_rows(op, flat[4 + has_bias], groups)
         else:
             Z = X @ _weight_cols(op, W, groups)  # the current pre-activation, (G, rows, O)
             if b is not None:
-                Z = Z + b.reshape(groups, 1, -1)
-        R = A - Z
+                Z = Z + beta * b.reshape(groups, 1, -1)
+        if not offset:
+            R = A - Z
         if per_output:  # (G, rows, O): every group's output columns
             R = equalize_outputs(R, (1,))
-        dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative)
+        dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative, beta)
         new_w = _weight_from_cols(op, W, dW) if fit_w else W
         new_b = (b + db.reshape(b.shape)) if fit_b else b
         return (new_w, new_b) if has_bias else (new_w,)
@@ -209,9 +231,12 @@ def equalize_outputs(R: torch.Tensor, over: tuple[int, ...]) -> torch.Tensor:
 
 def _design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
             W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block."""
-    if op in ("linear", "matmul"):
-        return x.reshape(1, -1, x.shape[-1]), _out_rows(op, target, 1), 1
+    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block. For addmm X is α·x, so
+    that Z = X W holds for its weight in (in, out) layout."""
+    if op in ("linear", "matmul", "addmm"):
+        X = x.reshape(1, -1, x.shape[-1])
+        alpha = attrs.get("alpha", 1) if op == "addmm" else 1
+        return (X if alpha == 1 else alpha * X), _out_rows(op, target, 1), 1
     g = int(attrs["groups"])
     cols = _im2col(x, tuple(W.shape[2:]), tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"]))
     n, L = cols.shape[0], cols.shape[2]
@@ -220,7 +245,7 @@ def _design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
 
 def _out_rows(op: str, t: torch.Tensor, groups: int) -> torch.Tensor:
     """An output-shaped tensor (target, pre-activation) as (G, rows, O)."""
-    if op in ("linear", "matmul"):
+    if op in ("linear", "matmul", "addmm"):
         return t.reshape(1, -1, t.shape[-1])
     n, c = t.shape[0], t.shape[1]
     return t.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
@@ -230,7 +255,7 @@ def _weight_cols(op: str, W: torch.Tensor, groups: int) -> torch.Tensor:
     """The weight as (G, D, O) so that Z = X @ it."""
     if op == "linear":
         return W.t().unsqueeze(0)
-    if op == "matmul":
+    if op in ("matmul", "addmm"):
         return W.unsqueeze(0)
     return W.reshape(groups, W.shape[0] // groups, -1).transpose(1, 2)
 
@@ -238,14 +263,15 @@ def _weight_cols(op: str, W: torch.Tensor, groups: int) -> torch.Tensor:
 def _weight_from_cols(op: str, W: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
     if op == "linear":
         return W + dW[0].t()
-    if op == "matmul":
+    if op in ("matmul", "addmm"):
         return W + dW[0]
     return W + dW.transpose(1, 2).reshape(W.shape)
 
 
 def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: float,
-           name: str, relative: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + 1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²).
+           name: str, relative: bool = False, beta: float = 1.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(ΔW (G, D, O), Δb (G, O)) minimizing ½‖X ΔW + β1 Δbᵀ − R‖² + (λ/2)(‖ΔW‖² + ‖Δb‖²) (β: addmm's bias
+    factor, 1 otherwise; the bias column is β·1).
 
     With a bias the normal equations are [[XᵀX + λI, s], [sᵀ, n]] [ΔW; Δbᵀ] = [XᵀR; 1ᵀR] (s = Xᵀ1, n = rows + λ).
     Eliminating Δb first leaves the Schur complement XᵀX + λI − s sᵀ/n (positive definite when the whole system
@@ -257,21 +283,23 @@ def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: flo
     prox · rows when only the bias moves).
     """
     g, rows, d = X.shape
+    b2 = beta * beta
     if not fit_w:  # only the bias moves: a mean, shrunk by λ
-        lam_b = prox * rows if relative else prox
-        return None, (R.sum(1) / (rows + lam_b) if fit_b else None)
+        lam_b = prox * rows * b2 if relative else prox
+        return None, (beta * R.sum(1) / (b2 * rows + lam_b) if fit_b else None)
     Xt = X.transpose(1, 2)
     if prox > 0 and rows < d + fit_b:
-        return _solve_dual(X, R, fit_b, prox, name, relative)
+        return _solve_dual(X, R, fit_b, prox, name, relative, beta)
     gram, rhs = Xt @ X, Xt @ R
-    s, rb = (X.sum(1, keepdim=True), R.sum(1, keepdim=True)) if fit_b else (None, None)  # (G, 1, D), (G, 1, O)
-    return _solve_normal(gram, rhs, s, rb, rows, fit_b, prox, name, relative)
+    # the bias column is β·1: (G, 1, D), (G, 1, O)
+    s, rb = (beta * X.sum(1, keepdim=True), beta * R.sum(1, keepdim=True)) if fit_b else (None, None)
+    return _solve_normal(gram, rhs, s, rb, rows, fit_b, prox, name, relative, b2)
 
 
 def _solve_normal(gram: torch.Tensor, rhs: torch.Tensor, s: torch.Tensor | None, rb: torch.Tensor | None,
                   rows: int, fit_b: bool, prox: float, name: str,
-                  relative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_solve` from the normal equations' sums: XᵀX, XᵀR and (with a bias) Xᵀ1, 1ᵀR."""
+                  relative: bool, b2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_solve` from the normal equations' sums: XᵀX, XᵀR and (with a bias) β·Xᵀ1, β·1ᵀR (b2 = β²)."""
     d = gram.shape[-1]
     lam: float | torch.Tensor = prox
     if relative and prox > 0:  # (G, 1, 1): the mean diagonal of each group's Gram matrix, before the bias is folded in
@@ -279,7 +307,7 @@ def _solve_normal(gram: torch.Tensor, rhs: torch.Tensor, s: torch.Tensor | None,
     if prox > 0:
         gram = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
     if fit_b:
-        n = rows + lam
+        n = b2 * rows + lam
         if isinstance(n, torch.Tensor):  # relative λ: n differs per group, baddbmm's alpha must be a number
             gram = gram - (s.transpose(1, 2) @ s) / n
             rhs = rhs - (s.transpose(1, 2) @ rb) / n
@@ -309,13 +337,16 @@ def _conv_chunks(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor, W:
 
 def _solve_chunked(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor, preact: torch.Tensor | None,
                    W: torch.Tensor, b: torch.Tensor | None, chunks: list[tuple[int, int]], fit_b: bool, prox: float,
-                   name: str, relative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_solve` for a conv block, its design rows formed one chunk of examples at a time."""
+                   name: str, relative: bool, offset: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_solve` for a conv block, its design rows formed one chunk of examples at a time (``offset``: the
+    target input is the offset d, the residual −d)."""
     groups = int(attrs["groups"])
     Wc = _weight_cols(op, W, groups)
 
     def rows_of(start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         X, A, _ = _design(op, attrs, x.narrow(0, start, length), target.narrow(0, start, length), W)
+        if offset:
+            return X, -A
         if preact is not None:
             Z = _out_rows(op, preact.narrow(0, start, length), groups)
         else:
@@ -330,7 +361,7 @@ def _solve_chunked(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor, 
 
 
 def _solve_dual(X: torch.Tensor, R: torch.Tensor, fit_b: bool, prox: float, name: str,
-                relative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                relative: bool, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same minimizer through the rows×rows system, for batches with fewer rows than unknowns (λ > 0).
 
     With X̃ = [X 1] (the ones column only with a trainable bias) the normal equations (X̃ᵀX̃ + λI)Δ = X̃ᵀR have the
@@ -339,11 +370,12 @@ def _solve_dual(X: torch.Tensor, R: torch.Tensor, fit_b: bool, prox: float, name
     """
     g, rows, d = X.shape
     K = X @ X.transpose(1, 2)
-    if fit_b:
-        K = K + 1.0
     lam: float | torch.Tensor = prox
-    if relative:  # tr(XᵀX)/D = ‖X‖²_F/D, per group
-        lam = prox * (X * X).sum((1, 2))[:, None, None] / d
+    if relative:  # tr(XᵀX)/D = tr(XXᵀ)/D, per group: read off K's diagonal, not from X again
+        lam = prox * K.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] / d
     K = K + lam * torch.eye(rows, dtype=X.dtype, device=X.device)
+    if fit_b:  # the bias column β·1 adds β²·11ᵀ
+        K = K + beta * beta
     Y = torch.ops.lwcompile.spd_solve(K, R, name, prox)  # (G, rows, O)
-    return X.transpose(1, 2) @ Y, (Y.sum(1) if fit_b else None)
+    # ΔW formed as (G, O, D) and handed on transposed: a linear weight (O, D) then adds it without a strided read
+    return (Y.transpose(1, 2) @ X).transpose(1, 2), (beta * Y.sum(1) if fit_b else None)

@@ -56,9 +56,12 @@ def im2col(x: torch.Tensor, k: tuple, stride: tuple, padding: tuple, dilation: t
 
 def design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
            W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block on these examples."""
-    if op in ("linear", "matmul"):
-        return x.reshape(1, -1, x.shape[-1]), out_rows(op, target, 1), 1
+    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block on these examples. For
+    addmm X is α·x, so that Z = X W holds for its (in, out) weight."""
+    if op in ("linear", "matmul", "addmm"):
+        X = x.reshape(1, -1, x.shape[-1])
+        alpha = attrs.get("alpha", 1) if op == "addmm" else 1
+        return (X if alpha == 1 else alpha * X), out_rows(op, target, 1), 1
     g = int(attrs["groups"])
     cols = im2col(x, tuple(W.shape[2:]), tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"]))
     n, L = cols.shape[0], cols.shape[2]
@@ -67,7 +70,7 @@ def design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
 
 def out_rows(op: str, t: torch.Tensor, groups: int) -> torch.Tensor:
     """An output-shaped tensor (target, pre-activation) as (G, rows, O)."""
-    if op in ("linear", "matmul"):
+    if op in ("linear", "matmul", "addmm"):
         return t.reshape(1, -1, t.shape[-1])
     n, c = t.shape[0], t.shape[1]
     return t.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
@@ -77,7 +80,7 @@ def weight_cols(op: str, W: torch.Tensor, groups: int) -> torch.Tensor:
     """The weight as (G, D, O) so that Z = X @ it."""
     if op == "linear":
         return W.t().unsqueeze(0)
-    if op == "matmul":
+    if op in ("matmul", "addmm"):
         return W.unsqueeze(0)
     return W.reshape(groups, W.shape[0] // groups, -1).transpose(1, 2)
 
@@ -86,23 +89,28 @@ def weight_from_cols(op: str, W: torch.Tensor, dW: torch.Tensor) -> torch.Tensor
     """W + the change ``dW`` given as (G, D, O) columns."""
     if op == "linear":
         return W + dW[0].t()
-    if op == "matmul":
+    if op in ("matmul", "addmm"):
         return W + dW[0]
     return W + dW.transpose(1, 2).reshape(W.shape)
 
 
 def gram_stats(block: Block, params: Tensors, x: torch.Tensor, target: torch.Tensor) -> Tensors:
-    """The solve's sums over these examples at ``params`` = (W, [b]): (XᵀX, XᵀR, Xᵀ1, 1ᵀR, rows), per group."""
+    """The solve's sums over these examples at ``params`` = (W, [b]): (XᵀX, XᵀR, Xᵀ1, 1ᵀR, rows), per group.
+
+    addmm's bias enters as β·b, so its column of the design is β·1: the sums are β·Xᵀ1, β·1ᵀR and β²·rows (the
+    bias column's squared norm), for which :func:`solve_stats`'s algebra is unchanged."""
     W = params[0]
     b = params[1] if block.bias is not None else None
-    X, A, groups = design(block.op, dict(block.attrs), x, target, W)
+    attrs = dict(block.attrs)
+    beta = float(attrs.get("beta", 1)) if block.op == "addmm" else 1.0
+    X, A, groups = design(block.op, attrs, x, target, W)
     Z = X @ weight_cols(block.op, W, groups)
     if b is not None:
-        Z = Z + b.reshape(groups, 1, -1)
+        Z = Z + beta * b.reshape(groups, 1, -1)
     R = A - Z
     Xt = X.transpose(1, 2)
-    rows = torch.tensor(float(X.shape[1]), dtype=X.dtype, device=X.device)
-    return Xt @ X, Xt @ R, X.sum(1, keepdim=True), R.sum(1, keepdim=True), rows
+    rows = torch.tensor(beta * beta * float(X.shape[1]), dtype=X.dtype, device=X.device)
+    return Xt @ X, Xt @ R, beta * X.sum(1, keepdim=True), beta * R.sum(1, keepdim=True), rows
 
 
 def solve_stats(block: Block, params: Tensors, stats: Tensors, prox: float, relative: bool = False) -> Tensors:

@@ -28,7 +28,8 @@ from lwcompile.config import Config
 from lwcompile.ir import Block
 from lwcompile.passes.exact_solver import EXACT, check_exact, make_exact_fn
 from lwcompile.passes.linear_ops import LINEAR_OPS
-from lwcompile.passes.local_losses import residual
+from lwcompile.passes.local_losses import LOSS_RULES, needs_z, residual, residual_from_offset
+from lwcompile.passes.transfer import TRANSFERS
 from lwcompile.passes.optimizers import make_optimizer
 from lwcompile.passes.signatures import InnerSignature
 
@@ -38,11 +39,25 @@ def inner_lr_factor(k: int, steps: int, decay: bool) -> float:
     return max(1.0 - k / steps, 0.25) if decay else 1.0
 
 
-def make_inner_fn(block: Block, config: Config, preact: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+def make_inner_fn(block: Block, config: Config, preact: bool = False,
+                  offset: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The pure function the inner graph is traced from; ``preact=True`` takes â = op(x; W, b) after ``lr`` and
-    uses it as the first iteration's z (the forward pass computed it with the same op on the same values)."""
+    uses it as the first iteration's z (the forward pass computed it with the same op on the same values).
+
+    ``offset=False`` (the target form): the input after x is the target t, and each iteration's residual is
+    formed from s(z) − t (s = identity or f, the local loss's space). ``offset=True`` (the offset form, what
+    ``Program.step`` runs): that input is the target's offset d = base − t = γ·g (``make_offset``), and
+    s(z) − t is formed as (s(z) − s(z₀)) + d, with z − z₀ = op(x; W̃ − W, b̃ − b) computed from the weight change
+    (exactly zero in the first iteration). Since t = base − d is never formed, γ·g keeps its own relative
+    precision: with T = 1 plain GD the update is the SGD step to float rounding of γ·g, where the target form
+    loses eps·|base| (a tiny gradient next to a large pre-activation, e.g. a layer scale of 1e-6). Every
+    (target, local loss) pair Config accepts has one activation space, so the offset form covers all of them;
+    the target form stays for callers holding targets only (``Program.inner_jobs`` without offsets).
+    """
     if config.inner_optimizer == EXACT:  # one closed-form solve instead of T iterations
-        return make_exact_fn(block, config, preact_given=preact)
+        return make_exact_fn(block, config, preact_given=preact, offset=offset)
+    if offset:
+        return _make_offset_fn(block, config, preact)
     op = LINEAR_OPS[block.op]
     attrs, kw = dict(block.attrs), dict(block.transfer_kwargs)
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
@@ -74,6 +89,50 @@ def make_inner_fn(block: Block, config: Config, preact: bool = False) -> Callabl
     return inner_update
 
 
+def _make_offset_fn(block: Block, config: Config, preact: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The offset form of :func:`make_inner_fn`: ``(W, [b], x, d, lr, [â], *state) -> (W', [b'], *state')``."""
+    op = LINEAR_OPS[block.op]
+    attrs, kw = dict(block.attrs), dict(block.transfer_kwargs)
+    opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
+    n = len(block.params)
+    has_bias = block.bias is not None
+    frozen = tuple(p in block.frozen for p in block.params)
+    loss, row = config.local_loss, TRANSFERS[block.transfer]
+    post = LOSS_RULES[loss].space == "post"
+    with_z = needs_z(loss)
+
+    def inner_update(*flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        anchor = tuple(flat[:n])
+        x, d, lr = flat[n], flat[n + 1], flat[n + 2]
+        state = tuple(flat[n + 3 + preact:])
+        z0 = s0 = None
+        if with_z:
+            z0 = flat[n + 3] if preact else op.apply(x, anchor[0], anchor[1] if has_bias else None, attrs)
+            s0 = row.f(z0, kw) if post else None
+        params = anchor
+        for k in range(config.steps):
+            if k == 0:  # W̃ = W: z − z₀ is exactly zero, u is the offset itself
+                z, u = z0, d
+            else:
+                dz = op.apply(x, params[0] - anchor[0], (params[1] - anchor[1]) if has_bias else None, attrs)
+                z = z0 + dz if with_z else None
+                u = (row.f(z, kw) - s0 if post else dz) + d
+            r = residual_from_offset(loss, block.transfer, kw, z, u)
+            # conv rows read the weight's shape only: the weight itself keeps its shape out of the graph's constants
+            dW, db = op.weight_grad(x, r, params[0] if block.op.startswith("conv") else block.weight_shape, attrs,
+                                    has_bias)
+            grads = (dW, db) if has_bias else (dW,)
+            if config.prox > 0:
+                grads = tuple(g + config.prox * (p - a) for g, p, a in zip(grads, params, anchor))
+            grads = tuple(torch.zeros_like(g) if f else g for g, f in zip(grads, frozen))
+            step = lr * inner_lr_factor(k, config.steps, config.inner_lr_decay)
+            params, state = opt.update(grads, state, params, step)
+            params = tuple(a if f else p for p, a, f in zip(params, anchor, frozen))
+        return (*params, *state)
+
+    return inner_update
+
+
 def inner_example(block: Block, config: Config, batch: int | None = None,
                   dtype: torch.dtype = torch.float32, x_shape: tuple[int, ...] | None = None,
                   target_shape: tuple[int, ...] | None = None, preact: bool = False) -> tuple[torch.Tensor, ...]:
@@ -96,11 +155,12 @@ def inner_example(block: Block, config: Config, batch: int | None = None,
 
 
 def build_inner_graph(block: Block, config: Config, example: tuple[torch.Tensor, ...] | None = None,
-                      preact: bool = False) -> fx.GraphModule:
+                      preact: bool = False, offset: bool = False) -> fx.GraphModule:
     """The block's inner-update GraphModule, traced for the shapes of ``example`` (default: the block's);
-    ``preact=True``: the graph that takes the forward pass's pre-activation (see :func:`make_inner_fn`)."""
+    ``preact=True``: the graph that takes the forward pass's pre-activation; ``offset=True``: the graph that takes
+    the target's offset instead of the target (see :func:`make_inner_fn`)."""
     example = inner_example(block, config, preact=preact) if example is None else example
-    gm = make_fx(make_inner_fn(block, config, preact), tracing_mode="fake")(*example)
+    gm = make_fx(make_inner_fn(block, config, preact, offset), tracing_mode="fake")(*example)
     gm.recompile()
     return gm
 
@@ -122,10 +182,10 @@ def inner_key(block: Block, config: Config) -> tuple:
             None if block.bias_shape is None else tuple(block.bias_shape), frozen, *own)
 
 
-def inner_signature(block: Block, config: Config, preact: bool = False) -> InnerSignature:
-    """The inner graph's signature: its inputs and outputs by name."""
+def inner_signature(block: Block, config: Config, preact: bool = False, offset: bool = False) -> InnerSignature:
+    """The inner graph's signature: its inputs and outputs by name (``offset``: see :func:`make_inner_fn`)."""
     if config.inner_optimizer == EXACT:  # computed at compile time: refuse blocks it cannot solve exactly here
         check_exact(block, config)
     opt = make_optimizer(config.inner_optimizer, config.optimizer_options())
     params = ("weight", "bias") if block.bias is not None else ("weight",)
-    return InnerSignature(params, len(opt.init(tuple(torch.zeros(1) for _ in params))), preact)
+    return InnerSignature(params, len(opt.init(tuple(torch.zeros(1) for _ in params))), preact, offset)

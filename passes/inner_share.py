@@ -87,29 +87,32 @@ class SharedInnerGraphs:
     traces one block for one set of shapes."""
 
     def __init__(self, config: Config,
-                 trace: Callable[[Block, torch.dtype, tuple, tuple, bool], fx.GraphModule] | None = None) -> None:
+                 trace: Callable[[Block, torch.dtype, tuple, tuple, bool, bool], fx.GraphModule] | None = None) -> None:
         self.config = config
         self._trace = trace if trace is not None else self._default_trace
         self._kinds: dict[tuple, _Kind] = {}
         self.traces = 0
 
-    def _default_trace(self, block: Block, dtype: torch.dtype, xs: tuple, ts: tuple, preact: bool) -> fx.GraphModule:
+    def _default_trace(self, block: Block, dtype: torch.dtype, xs: tuple, ts: tuple, preact: bool,
+                       offset: bool = True) -> fx.GraphModule:
         # fake example tensors: the sentinel sizes would not fit in memory, and make_fx reads shapes only
         with FakeTensorMode():
             ex = inner_example(block, self.config, dtype=dtype, x_shape=tuple(xs), target_shape=tuple(ts),
                                preact=preact)
-        return build_inner_graph(block, self.config, ex, preact=preact)
+        return build_inner_graph(block, self.config, ex, preact=preact, offset=offset)
 
-    def traced(self, block: Block, dtype: torch.dtype, xs: tuple, ts: tuple, preact: bool) -> fx.GraphModule:
+    def traced(self, block: Block, dtype: torch.dtype, xs: tuple, ts: tuple, preact: bool,
+               offset: bool = True) -> fx.GraphModule:
         self.traces += 1
-        return self._trace(block, dtype, xs, ts, preact)
+        return self._trace(block, dtype, xs, ts, preact, offset)
 
     def get(self, block: Block, dtype: torch.dtype, xs: tuple, ts: tuple, preact: bool,
-            own: Callable[[], fx.GraphModule] | None = None) -> fx.GraphModule:
+            own: Callable[[], fx.GraphModule] | None = None, offset: bool = True) -> fx.GraphModule:
         """The graph for ``block`` at these shapes; ``own()`` (default: a fresh trace) gives the block's per-shape
-        graph where the kind is not shared."""
-        own = own if own is not None else (lambda: self.traced(block, dtype, xs, ts, preact))
+        graph where the kind is not shared. ``offset``: the variant taking the target's offset (what step runs)."""
+        own = own if own is not None else (lambda: self.traced(block, dtype, xs, ts, preact, offset))
         key = share_key(block, self.config, tuple(xs), tuple(ts), dtype, preact)
+        key = None if key is None else (*key, bool(offset))
         if key is None:
             return own()
         shapes = (tuple(block.weight_shape), tuple(xs), tuple(ts))
@@ -120,13 +123,13 @@ class SharedInnerGraphs:
         if kind.shapes == shapes or kind.shared:
             return kind.graph
         if kind.shared is None:
-            kind.shared = self._check(block, dtype, xs, ts, preact, kind.graph)
+            kind.shared = self._check(block, dtype, xs, ts, preact, kind.graph, offset)
         return kind.graph if kind.shared else own()
 
     def _check(self, block: Block, dtype: torch.dtype, xs: tuple, ts: tuple, preact: bool,
-               graph: fx.GraphModule) -> bool:
+               graph: fx.GraphModule, offset: bool = True) -> bool:
         probe = sentinel_block(block, tuple(xs))
         if _small(probe.output_shape) != _small(tuple(ts)):
             return False
-        other = self.traced(probe, dtype, probe.input_shape, probe.output_shape, preact)
+        other = self.traced(probe, dtype, probe.input_shape, probe.output_shape, preact, offset)
         return other.code == graph.code

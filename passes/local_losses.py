@@ -29,6 +29,9 @@ class TargetRule(NamedTuple):
     make: Callable[..., torch.Tensor]
     space: str
     pair: str
+    # the target's offset from its base (â or ŷ): base − target = γ·g, formed from the gradient alone, so it keeps
+    # float rounding relative to γ·g, where base − target recomputed from the stored target loses eps·|base|
+    offset: Callable[..., torch.Tensor] | None = None
 
     def __call__(self, a_hat, y_hat, g_pre, g_post, gamma) -> torch.Tensor:
         return self.make(a_hat, y_hat, g_pre, g_post, gamma)
@@ -44,14 +47,21 @@ class LossRule(NamedTuple):
     space: str
     onnx: Callable[..., str]
     onnx_needs: tuple[str, ...]
+    # ∂local/∂z from u = s(z) − target (s = identity in "pre" space, f in "post" space): what the inner graph
+    # computes in the offset form, where u = (s(z) − s(z₀)) + offset is formed without the target itself
+    from_u: Callable[..., torch.Tensor] | None = None
 
 
 # METHOD.md step 3, one row per target kind: (â, ŷ, ∂L/∂â, ∂L/∂ŷ, γ) -> target
 TARGET_RULES = {
-    "gd_pre": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_pre, "pre", "squared_pre"),
-    "dual_md_pre": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_post, "pre", "dual_bregman"),
-    "gd_post": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_post, "post", "squared_post"),
-    "md_post": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_pre, "post", "matching"),
+    "gd_pre": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_pre, "pre", "squared_pre",
+                         lambda g_pre, g_post, gamma: gamma * g_pre),
+    "dual_md_pre": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: a_hat - gamma * g_post, "pre", "dual_bregman",
+                              lambda g_pre, g_post, gamma: gamma * g_post),
+    "gd_post": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_post, "post", "squared_post",
+                          lambda g_pre, g_post, gamma: gamma * g_post),
+    "md_post": TargetRule(lambda a_hat, y_hat, g_pre, g_post, gamma: y_hat - gamma * g_pre, "post", "matching",
+                          lambda g_pre, g_post, gamma: gamma * g_pre),
 }
 
 # METHOD.md step 4, one row per local loss: (residual ∂local/∂z, the summed value, ...). Matching: Σ F(z) − yᵀz drops
@@ -60,22 +70,23 @@ TARGET_RULES = {
 LOSS_RULES = {
     "squared_pre": LossRule(lambda t, kw, z, a: z - a,
                             lambda t, kw, z, a: 0.5 * ((z - a) ** 2).sum(), "pre",
-                            lambda g, f, F, z, a: g.total(g.half_square(g("Sub", z, a))), ()),  # ½Σ(z − a)²
+                            lambda g, f, F, z, a: g.total(g.half_square(g("Sub", z, a))), (),  # ½Σ(z − a)²
+                            lambda t, kw, z, u: u),
     "squared_post": LossRule(lambda t, kw, z, a: t.vjp(z, t.f(z, kw) - a, kw),
                              lambda t, kw, z, a: 0.5 * ((t.f(z, kw) - a) ** 2).sum(), "post",
                              lambda g, f, F, z, a: g.total(g.half_square(g("Sub", f(z), a))),  # ½Σ(f(z) − a)²
-                             ("onnx_f",)),
+                             ("onnx_f",), lambda t, kw, z, u: t.vjp(z, u, kw)),
     "matching": LossRule(lambda t, kw, z, a: t.f(z, kw) - a,
                          lambda t, kw, z, a: t.F(z, kw).sum() - (a * z).sum(), "post",
                          lambda g, f, F, z, a: g("Sub", g.total(F(z)), g.total(g("Mul", a, z))),  # ΣF(z) − Σ a·z
-                         ("onnx_F",)),
+                         ("onnx_F",), lambda t, kw, z, u: u),
     # f′(z)(z − a); the softmax Jacobian is symmetric, so its vjp is this product too
     "dual_bregman": LossRule(lambda t, kw, z, a: t.vjp(z, z - a, kw),
                              lambda t, kw, z, a: ((z - a) * t.f(z, kw)).sum() - t.F(z, kw).sum(), "pre",
                              # Σ[f(z)(z − a) − F(z) + F(a)]
                              lambda g, f, F, z, a: g("Add", g.total(g("Sub", g("Mul", f(z), g("Sub", z, a)), F(z))),
                                                      g.total(F(a))),
-                             ("onnx_f", "onnx_F")),
+                             ("onnx_f", "onnx_F"), lambda t, kw, z, u: t.vjp(z, u, kw)),
 }
 
 
@@ -89,6 +100,22 @@ def make_target(kind: str, gamma: float, a_hat: torch.Tensor, y_hat: torch.Tenso
                 g_pre: torch.Tensor, g_post: torch.Tensor) -> torch.Tensor:
     """The table of METHOD.md step 3 (g_pre = ∂L/∂â, g_post = ∂L/∂ŷ)."""
     return _rule(TARGET_RULES, kind, "target kind")(a_hat, y_hat, g_pre, g_post, gamma)
+
+
+def make_offset(kind: str, gamma: float, g_pre: torch.Tensor, g_post: torch.Tensor) -> torch.Tensor:
+    """The target's offset base − target (γ·∂L/∂â or γ·∂L/∂ŷ by target kind), from the gradient alone."""
+    return _rule(TARGET_RULES, kind, "target kind").offset(g_pre, g_post, gamma)
+
+
+def residual_from_offset(loss: str, transfer: str, kw: Kw, z: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """∂ local(z, target) / ∂z from u = s(z) − target (see :class:`LossRule`); ``z`` may be None for losses
+    that do not read it (squared_pre)."""
+    return _rule(LOSS_RULES, loss, "local loss").from_u(TRANSFERS[transfer], kw, z, u)
+
+
+def needs_z(loss: str) -> bool:
+    """Whether the offset-form residual of ``loss`` reads z (for f or f′): all but the squared pre-activation loss."""
+    return loss != "squared_pre"
 
 
 def residual(loss: str, transfer: str, kw: Kw, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,10 @@ def _match_linear(gm: fx.GraphModule, node: fx.Node) -> _LinearMatch | None | st
             # so there is no weight tensor a local loss could step; those parameters take the backward's gradient
             return ("reads a computed weight (a parametrization such as weight_norm or orthogonal), not a "
                     "parameter; remove it with torch.nn.utils.parametrize.remove_parametrizations to make it a block")
+        if getattr(mod, "bias", None) is not None and not isinstance(mod.bias, nn.Parameter):
+            # a parametrized bias (or a bias buffer) is computed / not trainable by the block's local loss either
+            return ("reads a computed bias (a parametrization, or a buffer), not a parameter; remove the "
+                    "parametrization with torch.nn.utils.parametrize.remove_parametrizations to make it a block")
         bias = f"{node.target}.bias" if getattr(mod, "bias", None) is not None else None
         if row.attr_args and (len(node.args) > 1 or node.kwargs.get("output_size") is not None):
             return "called with output_size"

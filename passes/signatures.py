@@ -32,13 +32,16 @@ class TargetOutputs:
     targets: Mapping[str, torch.Tensor]  # block name -> its target (METHOD.md step 3)
     grads: Mapping[str, torch.Tensor]  # non-block parameter -> ∂L/∂p (its uses outside blocks)
     preacts: Mapping[str, torch.Tensor] = field(default_factory=dict)  # block name -> â = op(x; W, b), when returned
+    offsets: Mapping[str, torch.Tensor] = field(default_factory=dict)  # block name -> base − target = γ·g, if returned
 
 
 @dataclass(frozen=True)
 class TargetSignature:
     """The target graph: (params, buffers, inputs, labels) -> (loss, block inputs, block targets, non-block grads
     [, block pre-activations]). ``preacts=True`` appends each block's pre-activation â, which the forward pass
-    computed anyway, so the inner graphs need not recompute it (``Config.reuse_preactivation``)."""
+    computed anyway, so the inner graphs need not recompute it (``Config.reuse_preactivation``). ``offsets=True``
+    appends each block's target offset d = base − target (γ·∂L/∂â or γ·∂L/∂ŷ, formed from the gradient, not from
+    the target), which the offset-form inner graphs take instead of the target (full precision of γ·g)."""
 
     params: tuple[str, ...]
     buffers: tuple[str, ...]
@@ -47,6 +50,7 @@ class TargetSignature:
     blocks: tuple[str, ...]
     nonblock: tuple[str, ...]
     preacts: bool = False
+    offsets: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -56,7 +60,8 @@ class TargetSignature:
     @property
     def output_names(self) -> list[str]:
         return (["loss"] + [f"block_input:{b}" for b in self.blocks] + [f"target:{b}" for b in self.blocks]
-                + [f"grad:{p}" for p in self.nonblock] + ([f"preact:{b}" for b in self.blocks] if self.preacts else []))
+                + [f"grad:{p}" for p in self.nonblock] + ([f"preact:{b}" for b in self.blocks] if self.preacts else [])
+                + ([f"offset:{b}" for b in self.blocks] if self.offsets else []))
 
     def pack(self, params: Mapping[str, Any], buffers: Mapping[str, Any], inputs: Sequence[Any],
              labels: Sequence[Any]) -> list[Any]:
@@ -72,9 +77,12 @@ class TargetSignature:
         if len(outs) != len(self.output_names):
             raise ValueError(f"the target graph returned {len(outs)} values, its signature names "
                              f"{len(self.output_names)}")
+        i = 1 + 2 * m + k  # the optional tails: pre-activations, then offsets
+        preacts = dict(zip(self.blocks, outs[i:i + m])) if self.preacts else {}
+        i += m if self.preacts else 0
+        offsets = dict(zip(self.blocks, outs[i:i + m])) if self.offsets else {}
         return TargetOutputs(outs[0], dict(zip(self.blocks, outs[1:1 + m])), dict(zip(self.blocks, outs[1 + m:1 + 2 * m])),
-                             dict(zip(self.nonblock, outs[1 + 2 * m:1 + 2 * m + k])),
-                             dict(zip(self.blocks, outs[1 + 2 * m + k:])) if self.preacts else {})
+                             dict(zip(self.nonblock, outs[1 + 2 * m:1 + 2 * m + k])), preacts, offsets)
 
 
 @dataclass(frozen=True)
@@ -82,15 +90,18 @@ class InnerSignature:
     """A block's inner-update graph: (params, x, target, lr, [preact], *state) -> (new params, *new state).
 
     ``preact=True``: the graph also takes the forward pass's pre-activation â = op(x; W, b) and uses it as its
-    first iteration's (or the exact solve's) z instead of recomputing it."""
+    first iteration's (or the exact solve's) z instead of recomputing it. ``offset=True``: the target's slot
+    holds its offset d = base − t (``TargetOutputs.offsets``; see :func:`lwcompile.passes.inner.make_inner_fn`)."""
 
     params: tuple[str, ...]  # "weight"[, "bias"]
     n_state: int
     preact: bool = False
+    offset: bool = False  # the input after x is the target's offset d = base − t ("offset"), not t ("target")
 
     @property
     def input_names(self) -> list[str]:
-        return (list(self.params) + ["x", "target", "lr"] + (["preact"] if self.preact else [])
+        return (list(self.params) + ["x", "offset" if self.offset else "target", "lr"]
+                + (["preact"] if self.preact else [])
                 + [f"state{i}" for i in range(self.n_state)])
 
     @property

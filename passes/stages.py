@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from lwcompile.errors import ConfigError
 from lwcompile.ir import Block
-from lwcompile.passes.local_losses import make_target
+from lwcompile.passes.local_losses import make_offset, make_target
 from lwcompile.passes.targets import block_param_alias, check_loss, tap_layout
 
 
@@ -300,8 +300,11 @@ class Stage:
         return grads[:n_t], grads[n_t:n_t + n_p], grads[n_t + n_p:]
 
     def targets(self, env: Mapping[str, Any], tap_grads: Sequence[torch.Tensor], kind: str,
-                gamma: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Each own block's input and target (METHOD.md step 3), from the tap gradients of :meth:`backward`."""
+                gamma: float, offsets: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each own block's input and target (METHOD.md step 3), from the tap gradients of :meth:`backward`.
+        ``offsets``: a dict that also receives each block's target offset γ·g (what the offset-form inner
+        graphs take, :meth:`lwcompile.Program.inner_jobs`)."""
         m = len(self.taps)
         g_pre, g_post = list(tap_grads[:m]), list(tap_grads[m:])
         xs, targets = {}, {}
@@ -312,4 +315,6 @@ class Stage:
                 g_y = g_post.pop(0) if y is not None else gp
                 xs[b.name] = env[x].detach()
                 targets[b.name] = make_target(kind, gamma, a_hat, y_hat, gp, g_y)
+                if offsets is not None:
+                    offsets[b.name] = make_offset(kind, gamma, gp, g_y)
         return xs, targets

@@ -6,7 +6,9 @@ Two pure steps:
   ``apply_transfer`` calls so â survives for the backward.
 - ``build_target_graph(...)`` traces, with ``make_fx``, a function of (params, buffers, inputs, labels)
   that runs the tapped graph, the user's loss, ``torch.autograd.grad`` and the target formulas of
-  METHOD.md. Its outputs are (loss, x_1..x_M, target_1..target_M, grad of each non-block parameter[, â_1..â_M]).
+  METHOD.md. Its outputs are (loss, x_1..x_M, target_1..target_M, grad of each non-block parameter[, â_1..â_M]
+  [, d_1..d_M]); d = base − target = γ·g is each target's offset, formed from the gradient (see
+  :func:`lwcompile.passes.inner.make_inner_fn`'s offset form).
 
 Example:
     >>> import torch, lwcompile
@@ -30,7 +32,7 @@ from torch.utils import _pytree as pytree
 from lwcompile.errors import LossError, TraceError, describe_values, first_line
 from lwcompile.ir import Block
 from lwcompile.passes.linear_ops import LINEAR_OPS
-from lwcompile.passes.local_losses import make_target
+from lwcompile.passes.local_losses import make_offset, make_target
 from lwcompile.passes.registry import is_transpose_of_2d
 from lwcompile.passes.signatures import TargetSignature
 from lwcompile.passes.transfer import apply_transfer
@@ -199,7 +201,7 @@ def make_target_fn(tapped: fx.GraphModule, blocks: Sequence[Block], loss_fn: Cal
         for group, j in zip(uses, nonblock_idx):
             parts = [rest.pop(0) for _ in group]
             g_nonblock.append(_sum(parts) if parts else torch.zeros_like(flat[j]))
-        xs, targets, preacts = [], [], []
+        xs, targets, preacts, offsets = [], [], [], []
         for (xi, ai, yi), gp in zip(layout, g_pre):
             a_hat = tail[ai].detach()
             y_hat = tail[yi].detach() if yi is not None else a_hat
@@ -207,7 +209,9 @@ def make_target_fn(tapped: fx.GraphModule, blocks: Sequence[Block], loss_fn: Cal
             xs.append(tail[xi].detach())
             targets.append(make_target(target, gamma, a_hat, y_hat, gp, g_y))
             preacts.append(a_hat)
-        return (loss.detach(), *xs, *targets, *g_nonblock, *(preacts if sig.preacts else ()))
+            offsets.append(make_offset(target, gamma, gp, g_y))
+        return (loss.detach(), *xs, *targets, *g_nonblock, *(preacts if sig.preacts else ()),
+                *(offsets if sig.offsets else ()))
 
     return target_fn
 

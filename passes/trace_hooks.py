@@ -8,7 +8,8 @@
   ``forward`` by ``nn.Module.__call__`` itself (:func:`call_with_hooks`), so every hook form torch supports
   (``with_kwargs=True``, ``prepend``, ``always_call``) means exactly what it means eagerly.
 * **Hooks lwcompile cannot compile** (module backward hooks, global module hooks) are refused by name
-  (:func:`refuse_unsupported_hooks`): the graphs compute their own gradients and cannot run them.
+  (:func:`refuse_unsupported_hooks`): the graphs compute their own gradients and cannot run them. So is the
+  hook-based ``torch.nn.utils.spectral_norm`` in training mode (its pre-hook's power iteration mutates buffers).
 * **Grad mode.** fx runs ``forward``'s Python, so ``torch.no_grad()`` really switches grad mode off while its
   ops are recorded, but nothing in the graph remembers it. :func:`no_grad_marks` tags each node made with grad
   mode off and :func:`cut_no_grad_regions` detaches the values such a region hands to the rest of the graph,
@@ -64,6 +65,7 @@ def refuse_unsupported_hooks(model: nn.Module) -> None:
                              "Remove them (handle.remove()) before lwcompile.transform, or register the hook on "
                              "the modules it is meant for.")
     for name, m in model.named_modules():
+        _refuse_training_spectral_norm(name, m)
         for kind in ("_backward_pre_hooks", "_backward_hooks"):
             hooks = getattr(m, kind, None)
             if hooks:
@@ -72,6 +74,27 @@ def refuse_unsupported_hooks(model: nn.Module) -> None:
                                  "lwcompile computes gradients and block targets in its own graphs and cannot run "
                                  "it. Remove it (handle.remove()) before lwcompile.transform, or express it in "
                                  "forward (e.g. a custom torch.autograd.Function).")
+
+
+def _refuse_training_spectral_norm(name: str, m: nn.Module) -> None:
+    """The hook-based ``torch.nn.utils.spectral_norm`` in training mode: its forward pre-hook runs a power
+    iteration that updates the ``<weight>_u``/``_v`` buffers in place (under no_grad) and caches the weight on the
+    module at every call; traced once, the compiled step would freeze one iteration's u, v into the graph and the
+    model's buffers would stop moving. In eval mode the hook only divides by σ = uᵀWv with fixed u, v, which
+    traces exactly (the SGD identity holds), so only training mode is refused."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    if not m.training:
+        return
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm):
+            raise TraceError(
+                f"module {name or '(root)'!r} ({type(m).__name__}) uses the hook-based torch.nn.utils.spectral_norm "
+                f"on {hook.name!r} in training mode: its forward pre-hook updates the power-iteration buffers "
+                f"{hook.name}_u/{hook.name}_v in place at every call, which the compiled step cannot reproduce. Call "
+                ".eval() on the module (σ from the stored u, v: compiled exactly), or remove it with "
+                "torch.nn.utils.remove_spectral_norm; torch.nn.utils.parametrizations.spectral_norm is its "
+                "maintained replacement (also compiled in eval mode only).")
 
 
 def call_with_hooks(root: nn.Module, fn: Callable[..., Any]) -> Callable[..., Any]:

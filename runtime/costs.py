@@ -117,7 +117,7 @@ def exact_problem(block: Block, batch: int | None = None) -> tuple[int, int, int
     """
     b = block.batch if batch is None else batch
     bias = int(block.bias is not None and block.bias not in block.frozen)
-    if block.op in ("linear", "matmul"):
+    if block.op in ("linear", "matmul", "addmm"):
         out = block.weight_shape[0] if block.op == "linear" else block.weight_shape[-1]
         return 1, b * numel(block.output_shape[1:-1]), int(block.input_shape[-1]) + bias, int(out)
     groups = int(dict(block.attrs).get("groups", 1))

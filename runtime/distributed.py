@@ -247,10 +247,11 @@ class DistributedTrainer:
             outs: dict[str, tuple] = {}
             if note is None:
                 try:
-                    xs, targets = stage.targets(env, tap_g, prog.config.target, prog.config.gamma)
+                    offsets: dict = {}
+                    xs, targets = stage.targets(env, tap_g, prog.config.target, prog.config.gamma, offsets)
                     for name, t in targets.items():
                         self._check_finite(f"the target of block {name!r}", t)
-                    outs = run_jobs(prog.inner_jobs(xs, targets, names=self.mine))
+                    outs = run_jobs(prog.inner_jobs(xs, targets, names=self.mine, offsets=offsets))
                     for b in prog.blocks:
                         for p, new in zip(b.params, outs.get(b.name, ())):
                             self._check_finite(f"the new value of {p!r} (block {b.name!r})", new)

@@ -172,6 +172,7 @@ class OrtProgram:
                 "targets": {b: out[n] for b, n in t["targets"].items()},
                 "grads": {p: out[n] for p, n in t["grads"].items()},
                 "preacts": {b: out[n] for b, n in t.get("preacts", {}).items()},
+                "offsets": {b: out[n] for b, n in t.get("offsets", {}).items()},
                 "buffers": {by_input[src]: out[o] for o, src in self._mutates.items() if src in by_input}}
 
     def step(self, x: Any, y: Any) -> float:
@@ -184,7 +185,9 @@ class OrtProgram:
         new_params, new_state = {}, {}
         for b in self.program["blocks"]:
             name = b["name"]
-            new = self._inner_loop(b, res["inputs"][name], res["targets"][name], res["preacts"].get(name))
+            # an inner graph's slot after x is "offset" (the target's offset, full precision) or "target"
+            slot = res["offsets"][name] if "offset" in b["inputs"] else res["targets"][name]
+            new = self._inner_loop(b, res["inputs"][name], res["targets"][name], res["preacts"].get(name), slot)
             for p, v in zip(b["params"], new[:len(b["params"])]):
                 self._check(f"the new value of {p!r} (block {name!r})", v)
                 new_params[p] = v
@@ -198,7 +201,9 @@ class OrtProgram:
         return float(res["loss"])
 
     def _inner_loop(self, b: Mapping[str, Any], x: np.ndarray, target: np.ndarray,
-                    preact: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+                    preact: np.ndarray | None = None, slot: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """New parameters (and inner state) of block ``b``: the training artifacts train on ``target``; the inner
+        graph takes ``slot`` (its "offset" or "target" input; default ``target``)."""
         name, start = b["name"], [self.params[p] for p in b["params"]]
         if name in self._training:
             blk = self._training[name]
@@ -210,7 +215,8 @@ class OrtProgram:
         g = self._inner[name]
         lr = np.asarray(self.effective_inner_lr, np.float32)
         z = [preact] if "preact" in b["inputs"] else []  # the forward pass's â, when the graph takes it
-        vals = dict(zip(b["inputs"], [*start, x, target, lr, *z, *self.inner_state[name]]))
+        slot = target if slot is None else slot
+        vals = dict(zip(b["inputs"], [*start, x, slot, lr, *z, *self.inner_state[name]]))
         return g.run(**vals)
 
     @property

@@ -9,6 +9,11 @@ activation bytes) and cuts it with one of the two algorithms of :mod:`lwcompile.
   an exact DP minimises the slowest stage, then the activation bytes crossing stages.
 
 All functions are pure: blocks, edges and costs in, a :class:`lwcompile.runtime.plan.Plan` out.
+
+Fused groups (``Config.fuse``, :mod:`lwcompile.passes.fuse`) are not units here: a plan places *blocks*, priced one
+by one, and the local runtime fuses, per device, the members of a group that the plan put on that device
+(:mod:`lwcompile.runtime.fused`). A group is thus a job that placement may split; the costs of a fused device
+are an upper bound (fusion only removes per-op overhead).
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fuzz_extras as X
+from fuzz_extras import Conv1D
+
 
 class _Compact:
     """repr without the fields left at their defaults (still ``eval``-able); hypothesis prints it too."""
@@ -38,7 +41,10 @@ class Act(_Compact):
 @dataclass(frozen=True, repr=False)
 class Dense(_Compact):
     """z = linear(h); ``pre`` glue ops on z; y = act(z); ``post`` glue ops on y. ``tie``: index of an earlier
-    layer whose weight this one shares (attribute assignment). ``freeze``: "w", "b", "wb" -> requires_grad False."""
+    layer whose weight this one shares (attribute assignment). ``freeze``: "w", "b", "wb" -> requires_grad False.
+    ``hooks``: (site, "KIND:FN") pairs, site "lin" (the linear module), "act" (the activation module) or "unit" (the
+    layer); ``param``: a parametrization of the linear module (fuzz_extras.PARAMS); ``detach``: "w" (the weight is
+    used as ``w.detach()``), "in" (the layer's input is detached)."""
     d_out: int
     form: str = "nn.Linear"  # one of LINEAR_FORMS
     bias: bool = True
@@ -47,6 +53,9 @@ class Dense(_Compact):
     post: tuple = ()
     freeze: str = ""
     tie: int | None = None
+    hooks: tuple = ()
+    param: str = ""
+    detach: str = ""
 
 
 @dataclass(frozen=True, repr=False)
@@ -73,6 +82,19 @@ class Conv(_Compact):
     pre: tuple = ()
     post: tuple = ()
     freeze: str = ""
+    hooks: tuple = ()
+    param: str = ""
+
+
+@dataclass(frozen=True, repr=False)
+class Side(_Compact):
+    """h -> h + g (how "add") or h * sigmoid(g) (how "gate"), g = branch(h) (times a parameter vector of the layer's
+    own when ``scale``), computed as ``mode`` says (fuzz_extras.SIDE_MODES: under torch.no_grad(), under
+    torch.set_grad_enabled(False), detached at its output or input, or plain). ``branch.d_out`` is h's width."""
+    branch: Dense
+    mode: str = "nograd"
+    how: str = "add"
+    scale: bool = False
 
 
 @dataclass(frozen=True, repr=False)
@@ -98,6 +120,7 @@ class Spec(_Compact):
     target: str = "md_post"
     frontend: str = "auto"
     seed: int = 0
+    hooks: tuple = ()  # "KIND:FN" hooks on the root module
 
 
 # ---------------------------------------------------------------- transfer functions, in every spelling
@@ -165,10 +188,16 @@ def apply_act(act: Act, h: torch.Tensor, module: nn.Module | None) -> torch.Tens
 
 # ---------------------------------------------------------------- layers
 LINEAR_FORMS = ["nn.Linear", "F.linear", "F.linear(kw)", "x@W.T", "x@W", "matmul(x,W.t())"]
+# torch.addmm(b, x, W) with W (in, out) (α=β=1, or α/β given), b.addmm(x, W), HF's Conv1D module, and a grouped
+# linear through torch.baddbmm(b, x, W) with W (2, in/2, out/2) (even widths only). Without a bias parameter, addmm
+# and Conv1D add a bias buffer and baddbmm becomes torch.bmm (no block: the weight goes to the outer optimizer).
+ADDMM_FORMS = ["addmm", "addmm(ab)", ".addmm", "Conv1D", "baddbmm"]
 
 
 def param_shape(form: str, d_in: int, d_out: int) -> tuple:
-    return (d_in, d_out) if form == "x@W" else (d_out, d_in)
+    if form == "baddbmm":
+        return (2, d_in // 2, d_out // 2)
+    return (d_in, d_out) if form in ("x@W", "addmm", "addmm(ab)", ".addmm", "Conv1D") else (d_out, d_in)
 
 
 def _glue(op: str, c: int, nd: int) -> nn.Module | None:
@@ -198,6 +227,15 @@ class _Unit(nn.Module):
                                    if (m := _glue(op, c, nd)) is not None})
         self.act = act_module(s.act)
 
+    def _extras(self) -> None:
+        """The layer's parametrization and hooks (after its modules exist)."""
+        s, mod = self.s, getattr(self, "lin", None) or getattr(self, "conv", None)
+        if s.param:
+            X.parametrize(mod, s.param)
+        sites = {"lin": mod, "act": self.act, "unit": self}
+        for site, hook in s.hooks:
+            X.register_hooks(sites[site], (hook,))
+
     def holder(self) -> tuple[nn.Module, str, str]:
         """(module, weight attribute, bias attribute) of the layer's parameters."""
         mod = getattr(self, "lin", None) or getattr(self, "conv", None)
@@ -218,6 +256,8 @@ class _Unit(nn.Module):
         return h
 
     def forward(self, h):
+        if getattr(self.s, "detach", "") == "in":
+            h = h.detach()
         z = self._glue_ops("pre", self.linear(h), h)
         return self._glue_ops("post", apply_act(self.s.act, z, self.act), h)
 
@@ -227,20 +267,31 @@ class DenseLayer(_Unit):
         super().__init__()
         if s.form == "nn.Linear":
             self.lin = nn.Linear(d_in, s.d_out, bias=s.bias)
+        elif s.form == "Conv1D":
+            self.lin = Conv1D(s.d_out, d_in, bias=s.bias)
         else:
             self.w = nn.Parameter(torch.randn(param_shape(s.form, d_in, s.d_out)) / math.sqrt(d_in))
-            self.b = nn.Parameter(torch.randn(s.d_out) * 0.2) if s.bias else None
+            b_shape = (2, 1, s.d_out // 2) if s.form == "baddbmm" else (s.d_out,)
+            self.b = nn.Parameter(torch.randn(b_shape) * 0.2) if s.bias else None
+            if not s.bias and "addmm" in s.form and s.form != "baddbmm":  # addmm needs a bias: a buffer
+                self.register_buffer("b_buf", torch.randn(s.d_out) * 0.2)
+        self.d_in = d_in
         self._setup(s, s.d_out, 0)
+        self._extras()
 
     def linear(self, h):
         s = self.s
-        if s.form == "nn.Linear":
+        if s.form in ("nn.Linear", "Conv1D"):
             return self.lin(h)
+        w = self.w.detach() if s.detach == "w" else self.w
         if s.form == "F.linear":
-            return F.linear(h, self.w, self.b) if s.bias else F.linear(h, self.w)
+            return F.linear(h, w, self.b) if s.bias else F.linear(h, w)
         if s.form == "F.linear(kw)":
-            return F.linear(input=h, weight=self.w, bias=self.b) if s.bias else F.linear(input=h, weight=self.w)
-        z = h @ self.w if s.form == "x@W" else (h @ self.w.T if s.form == "x@W.T" else torch.matmul(h, self.w.t()))
+            return F.linear(input=h, weight=w, bias=self.b) if s.bias else F.linear(input=h, weight=w)
+        if s.form in ADDMM_FORMS:
+            b = self.b if s.bias else getattr(self, "b_buf", None)  # baddbmm without a bias: torch.bmm
+            return X.addmm_forward(s.form, h, w, b, self.d_in, s.d_out)
+        z = h @ w if s.form == "x@W" else (h @ w.T if s.form == "x@W.T" else torch.matmul(h, w.t()))
         return z + self.b if s.bias else z
 
 
@@ -257,6 +308,7 @@ class ConvLayer(_Unit):
             self.w = nn.Parameter(torch.randn(*shape, *[s.k] * nd) / math.sqrt(shape[1] * s.k ** nd))
             self.b = nn.Parameter(torch.randn(s.c_out) * 0.2) if s.bias else None
         self._setup(s, s.c_out, nd)
+        self._extras()
 
     def linear(self, h):
         s = self.s
@@ -281,6 +333,16 @@ class CatLayer(nn.Module):
 
     def forward(self, h):
         return torch.cat([self.a(h), self.b(h)], dim=-1)
+
+
+class SideLayer(nn.Module):
+    def __init__(self, s: Side, d_in: int) -> None:
+        super().__init__()
+        self.s, self.branch = s, DenseLayer(s.branch, d_in)
+        self.scale = nn.Parameter(1 + 0.3 * torch.randn(s.branch.d_out)) if s.scale else None
+
+    def forward(self, h):
+        return X.side_forward(self.s.mode, self.s.how, self.branch, self.scale, h)
 
 
 class FlattenLayer(nn.Module):
@@ -326,6 +388,8 @@ class FuzzNet(nn.Module):
                 layer, d_next = DenseLayer(s, d), s.d_out
             elif isinstance(s, Cat):
                 layer, d_next = CatLayer(s, d), s.a.d_out + s.b.d_out
+            elif isinstance(s, Side):
+                layer, d_next = SideLayer(s, d), d
             elif isinstance(s, Conv):
                 layer, d_next = ConvLayer(s, d, nd), s.c_out
             else:
@@ -333,6 +397,7 @@ class FuzzNet(nn.Module):
             layers.append(layer)
             d = d_next
         self.layers = nn.ModuleList(layers)
+        X.register_hooks(self, spec.hooks)
 
     def forward(self, x):
         for layer in self.layers:
@@ -350,7 +415,11 @@ def build(spec: Spec) -> tuple[nn.Module, tuple, torch.Tensor, callable]:
         torch.manual_seed(spec.seed)
         model = FuzzNet(spec).double()
         units = [u for s, layer in zip(spec.layers, model.layers)
-                 for u in (((s.a, layer.a), (s.b, layer.b)) if isinstance(s, Cat) else ((s, layer),))]
+                 for u in (((s.a, layer.a), (s.b, layer.b)) if isinstance(s, Cat) else
+                           ((s.branch, layer.branch),) if isinstance(s, Side) else ((s, layer),))]
+        for s, layer in units:
+            if getattr(s, "param", ""):
+                X.after_double(layer.holder()[0], s.param)
         for s, layer in units:  # tie by attribute assignment (after .double(), which would keep ties anyway)
             if isinstance(s, Dense) and s.tie is not None:
                 (mod, attr, _), (src, src_attr, _) = layer.holder(), model.layers[s.tie].holder()
@@ -358,7 +427,10 @@ def build(spec: Spec) -> tuple[nn.Module, tuple, torch.Tensor, callable]:
         for s, layer in units:  # after tying: a frozen tied weight is frozen in every use
             mod, w, b = layer.holder() if hasattr(layer, "holder") else (None, None, None)
             for flag, attr in (("w", w), ("b", b)):
-                if flag in getattr(s, "freeze", "") and getattr(mod, attr) is not None:
+                if getattr(s, "param", "") and attr == X.parametrized_attr(s.param):
+                    assert flag not in s.freeze, f"{s!r}: a parametrized {attr} cannot be frozen"
+                    continue
+                if flag in getattr(s, "freeze", "") and isinstance(getattr(mod, attr), nn.Parameter):
                     getattr(mod, attr).requires_grad_(False)
         if spec.family == "lm":
             x = torch.randint(0, spec.layers[0].vocab, (spec.batch, *spec.in_shape))
@@ -370,3 +442,4 @@ def build(spec: Spec) -> tuple[nn.Module, tuple, torch.Tensor, callable]:
             y = torch.randint(0, out_shape[-1], out_shape[:-1])
             return model, (x,), y, (F.cross_entropy if len(out_shape) == 2 else seq_cross_entropy)
         return model, (x,), torch.randn(out_shape, dtype=torch.float64), F.mse_loss
+

@@ -102,7 +102,7 @@ def test_a_graph_with_a_size_in_its_code_is_not_shared():
         def __init__(self, xs):
             self.code = f"reshape(-1, {xs[1]})"
 
-    shared = SharedInnerGraphs(Config(), trace=lambda block, dtype, xs, ts, preact: Fake(xs))
+    shared = SharedInnerGraphs(Config(), trace=lambda block, dtype, xs, ts, preact, offset=True: Fake(xs))
     a = _conv("a", (8, 4, 3, 3), (2, 4, 9, 9), (2, 8, 5, 5))
     b = _conv("b", (8, 6, 3, 3), (2, 6, 9, 9), (2, 8, 5, 5))
     c = _conv("c", (8, 4, 3, 3), (3, 4, 7, 7), (3, 8, 4, 4))

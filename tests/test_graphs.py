@@ -15,6 +15,8 @@ from torch import nn
 import lwcompile
 from lwcompile.config import LOCAL_LOSSES, PAIRS
 from lwcompile.passes.linear_ops import LINEAR_OPS
+from lwcompile.passes.local_losses import LOSS_RULES
+from lwcompile.passes.transfer import TRANSFERS
 from zoo import ZOO
 
 GAMMA = 0.7
@@ -174,21 +176,27 @@ def test_inner_graph_equals_T_gd_steps_by_autograd_on_the_local_loss(arch, loss)
 
     for block in prog.blocks:
         op, transfer = BLOCKS[arch][block.name]
-        gm = prog.inner_graph(block.name, preact=False)
+        gm = prog.inner_graph(block.name, preact=False, offset=False)  # the target form: takes t itself
         assert "def forward" in gm.code
         params = [rand(shapes[p], 0.3) for p in block.params]
         x, t = rand(block.input_shape), rand(block.output_shape, 0.5)
         lr = torch.tensor(0.02, dtype=torch.float64)
-        got = gm(*params, x, t, lr, *prog.inner_state[block.name])
-        # the variant a step runs takes the forward pass's pre-activation â = op(x; W, b) (computed eagerly here)
+        state = prog.inner_state[block.name]
+        got = gm(*params, x, t, lr, *state)
+        # the variants a step runs take the target's offset d = s(â) − t (s = f for post-activation losses) and
+        # the forward pass's pre-activation â = op(x; W, b) (both computed eagerly here)
         a_hat = LINEAR_OPS[block.op].apply(x, params[0], params[1] if block.bias else None, dict(block.attrs))
-        got_reusing = prog.inner_graph(block.name, preact=True)(*params, x, t, lr, a_hat, *prog.inner_state[block.name])
+        base = TRANSFERS[transfer].f(a_hat, dict(block.transfer_kwargs)) if LOSS_RULES[loss].space == "post" else a_hat
+        d = base - t
+        got_offset = prog.inner_graph(block.name, preact=False)(*params, x, d, lr, *state)
+        got_reusing = prog.inner_graph(block.name, preact=True)(*params, x, d, lr, a_hat, *state)
         expect = gd_by_autograd(op, transfer, loss, params, x, t, 0.02, steps=5, prox=0.3, decay=True)
-        assert len(got) == len(expect) == len(got_reusing)  # plain GD keeps no state
-        for name, p0, a, r, e in zip(block.params, params, got, got_reusing, expect):
+        assert len(got) == len(expect) == len(got_reusing) == len(got_offset)  # plain GD keeps no state
+        for name, p0, a, o, r, e in zip(block.params, params, got, got_offset, got_reusing, expect):
             assert (e - p0).abs().max() > 1e-3, f"{block.name}: {name} hardly moves; the check would be weak"
             torch.testing.assert_close(a, e, **TOL, msg=f"{block.name}: {name}")
-            torch.testing.assert_close(r, e, **TOL, msg=f"{block.name}: {name} (reusing â)")
+            torch.testing.assert_close(o, e, **TOL, msg=f"{block.name}: {name} (offset form)")
+            torch.testing.assert_close(r, e, **TOL, msg=f"{block.name}: {name} (offset form, reusing â)")
 
 
 def test_inner_loop_state_persists_across_steps():
@@ -233,12 +241,13 @@ def test_inner_lr_is_a_graph_input_so_schedules_need_no_retrace():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     prog.step(x, y)
     res = prog.compute_targets(x, y)
-    before = {name: gm for name, (gm, _) in prog.inner_jobs(res["inputs"], res["targets"],
-                                                              preacts=res["preacts"]).items()}
+    before = {name: gm for name, (gm, _) in prog.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"],
+                                                              offsets=res["offsets"]).items()}
     assert before == dict(prog.inner_graphs)  # what a step runs are the published graphs
     prog.inner_lr = 0.5
     prog.step(x, y)
-    for name, (gm, args) in prog.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"]).items():
+    for name, (gm, args) in prog.inner_jobs(res["inputs"], res["targets"], preacts=res["preacts"],
+                                            offsets=res["offsets"]).items():
         assert gm is before[name] and prog.inner_graph(name) is before[name], name  # the same graph objects
         assert float(args[prog.inner_signature(name).input_names.index("lr")]) == 0.5  # the new lr is an argument
     with pytest.raises(lwcompile.ConfigError):

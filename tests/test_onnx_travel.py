@@ -129,6 +129,6 @@ def test_inner_graph_reads_each_optimizer_slot_from_its_own_input(opt, opts):
         gm = prog.inner_graph(b.name, preact=preact)
         g = torch.Generator().manual_seed(0)
         args = [torch.rand(t.shape, generator=g) + 0.1 for t in examples_from_meta(gm)]
-        want = make_inner_fn(b, prog.config, preact)(*[t.clone() for t in args])  # eager: what the graph traced
+        want = make_inner_fn(b, prog.config, preact, offset=True)(*[t.clone() for t in args])  # eager: what it traced
         for got, ref in zip(gm(*args), want):
             torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)

@@ -156,7 +156,7 @@ def test_every_exported_graph_matches_torch_on_fresh_inputs(exported):
         example[k:k + 2] = [torch.zeros(shape[f"block_input:{b.name}"]), torch.zeros(shape[f"target:{b.name}"])]
         if reuse:
             example[iins.index("preact")] = torch.zeros(shape[f"target:{b.name}"])
-        gm = build_inner_graph(b, prog.config, tuple(example), preact=reuse)
+        gm = build_inner_graph(b, prog.config, tuple(example), preact=reuse, offset="offset" in iins)
         fix = {iins.index("lr"): lambda g, t: torch.tensor(1e-2)}
         fix |= {i: (lambda g, t: torch.rand(t.shape, generator=g) + 0.1)
                 for i, n in enumerate(iins) if n.startswith("state")}

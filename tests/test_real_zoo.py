@@ -27,7 +27,8 @@ from lwcompile.config import PAIRS
 from real_zoo import REAL_ZOO
 
 ETA, GAMMA = 0.05, 0.5
-UPDATE_RTOL = 1e-9   # parameter updates, relative to the max-abs of SGD's update of that parameter
+UPDATE_RTOL = 1e-12  # parameter updates, relative to the max-abs of SGD's update of that parameter (the offset
+#                     form: <= 5e-14 measured; the target form reached 2.8e-11 on mobilenet_v3_eval)
 ZERO_UPDATE = 1e-12  # an SGD update below this is "zero" (a bias cancelled downstream): the compiled one must be too
 BUFFER_TOL = 1e-12
 

@@ -34,3 +34,12 @@ def test_quick_run_writes_a_consistent_table(tmp_path):
                 if x is not None:
                     assert min(e[2] for e in r["evals"]) <= t
     assert "goals" in res and res["cpu"]
+
+
+def test_budget_per_workload_parses_and_refuses_bad_values():
+    import pytest
+    assert bench.parse_budgets("12,autoencoder=30", ["autoencoder", "mlp"], 20.0) == {"autoencoder": 30.0, "mlp": 12.0}
+    assert bench.parse_budgets(None, ["mlp"], 20.0) == {"mlp": 20.0}
+    for bad in ("x", "mlp=0", "lm=5"):
+        with pytest.raises(ValueError, match="--budget"):
+            bench.parse_budgets(bad, ["mlp"], 20.0)
