@@ -17,7 +17,7 @@ def run(cfg, model_fn, loss, target_fn, steps=150, bs=128):
         losses.append(prog.step(X[idx], target_fn(idx)))
     with torch.no_grad():
         return float(loss(m(X), target_fn(torch.arange(len(X)))))
-old = lwcompile.Config(steps=10, gamma=10.0, inner_lr=1e-5)
+old = lwcompile.Config(steps=10, gamma=10.0, inner_lr=1e-5, momentum=0.999)
 new = lwcompile.Config(steps=3, gamma=30.0, inner_lr=1e-4)
 assert (new.steps, new.gamma, new.inner_lr) == (lwcompile.Config().steps, lwcompile.Config().gamma, lwcompile.Config().inner_lr)
 cases = {

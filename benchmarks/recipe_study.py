@@ -31,7 +31,7 @@ from lwcompile.experiments.models import AUTOENCODER_SIZES  # noqa: E402
 from time_to_target import cpu_name, describe, make_backprop, make_lwcompile, make_peer  # noqa: E402
 
 _S = dict(target="gd_pre", local_loss="squared_pre")
-_M = dict(steps=10, gamma=10.0, inner_lr=1e-5)  # LocoProp-M as in the paper; today's Config() is "M-T3-g30-lr1e-4"
+_M = dict(steps=10, gamma=10.0, inner_lr=1e-5, momentum=0.999)  # LocoProp-M as in the paper; today's Config() is "M-T3-g30-lr1e-4"
 
 
 def _m(**changes) -> Config:

@@ -39,7 +39,7 @@ RECIPES: dict[str, Config] = {
                            inner_lr=1e-4),
     "defaults": Config(),
     "exact": Config(**EXACT, gamma=500.0, prox=50.0),
-    "paper_M": Config(steps=10, gamma=10.0, inner_lr=1e-5, inner_lr_decay=True),
+    "paper_M": Config(steps=10, gamma=10.0, inner_lr=1e-5, momentum=0.999, inner_lr_decay=True),
     # the exact solve with each block's damping relative to its own mean Gram diagonal (Config.prox_relative)
     "rel_g500_p1": Config(**EXACT, gamma=500.0, prox=1.0, prox_relative=True),
     "rel_g2000_p1": Config(**EXACT, gamma=2000.0, prox=1.0, prox_relative=True),

@@ -58,7 +58,7 @@ from lwcompile.runtime.costs import exact_flops  # noqa: E402
 RECIPES: dict[str, lwcompile.Config] = {
     "defaults": lwcompile.Config(),
     # LocoProp-M with the paper's T, γ and inner lr (the defaults before the study; no schedule)
-    "paper-M": lwcompile.Config(steps=10, gamma=10.0, inner_lr=1e-5),
+    "paper-M": lwcompile.Config(steps=10, gamma=10.0, inner_lr=1e-5, momentum=0.999),
     # LocoProp-S with the exact inner solve; γ and λ from benchmarks/recipe_study.py (docs/performance.md)
     "best": lwcompile.Config(target="gd_pre", local_loss="squared_pre", inner_optimizer="exact", gamma=500.0,
                              prox=50.0),
