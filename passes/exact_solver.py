@@ -26,7 +26,6 @@ Example:
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable
 
@@ -39,68 +38,11 @@ from lwcompile.ir import Block
 from lwcompile.passes.exact_gram import normal_equations, plan_chunks
 from lwcompile.runtime.costs import exact_problem
 from lwcompile.passes.conv_gram import conv_gram_applies, conv_stats
+from lwcompile.passes.exact_stats import design, out_rows, solve_stats, weight_cols, weight_from_cols
+from lwcompile.passes.spd_solve import spd_solve  # noqa: F401 - registers torch.ops.lwcompile.spd_solve
 
 EXACT = "exact"
 QUADRATIC_LOSSES = ("squared_pre",)  # local losses whose inner problem is least squares in W
-
-
-# ---------------------------------------------------------------- the factorization, as one graph op
-@torch.library.custom_op("lwcompile::spd_solve", mutates_args=())
-def spd_solve(gram: torch.Tensor, rhs: torch.Tensor, block: str, prox: float) -> torch.Tensor:
-    """Solve gram @ out = rhs for symmetric positive (semi)definite, possibly batched, ``gram``.
-
-    Cholesky in the input dtype. With ``prox > 0`` the system is positive definite in exact arithmetic, so a
-    failure is rounding: retry with a jitter of 1e-6 × the mean diagonal (float32's rounding level of the Gram
-    matrix). Then float64 without jitter. What still fails is singular (only possible with ``prox == 0``, e.g. an
-    input feature that is zero for the whole batch): refused, naming ``block``, never silently regularized.
-    """
-    d = gram.shape[-1]
-    L, info = torch.linalg.cholesky_ex(gram)
-    if bool((info == 0).all()):
-        return torch.cholesky_solve(rhs, L).contiguous()
-    if gram.dtype != torch.float64:
-        if prox > 0:
-            scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
-            eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-            L, info = torch.linalg.cholesky_ex(gram + 1e-6 * scale * eye)
-            if bool((info == 0).all()):
-                return torch.cholesky_solve(rhs, L).contiguous()
-        L, info = torch.linalg.cholesky_ex(gram.double())
-        if bool((info == 0).all()):
-            return torch.cholesky_solve(rhs.double(), L).to(rhs.dtype).contiguous()
-    hint = ("with Config.prox=0 the Gram matrix XᵀX is singular whenever the batch's inputs do not span the input "
-            "space (fewer rows than features, or a feature that is zero or constant over the batch, like MNIST's "
-            "border pixels); use Config(prox=...) > 0 (e.g. 1.0)") if prox == 0 else (
-            "the Gram matrix is not positive definite even with the proximal term: check the block's inputs for "
-            "NaN/inf")
-    raise LwcompileError(f"block {block!r}: the exact inner solve's {d}x{d} system is singular; {hint}.")
-
-
-@spd_solve.register_fake
-def _(gram: torch.Tensor, rhs: torch.Tensor, block: str, prox: float) -> torch.Tensor:
-    # contiguous like the real kernel's result (cholesky_solve alone returns column-major): torch.compile checks it
-    return rhs.new_empty(rhs.shape)
-
-
-# ---------------------------------------------------------------- design matrices, per op kind
-def _im2col(x: torch.Tensor, k: tuple, stride: tuple, padding: tuple, dilation: tuple) -> torch.Tensor:
-    """(N, C, *S) -> (N, C·∏k, L): the conv's input patches, channel-major like ``W.reshape(C_out, -1)``."""
-    nd = len(k)
-    if nd == 2:
-        return F.unfold(x, k, dilation, padding, stride)
-    if nd == 1:
-        return F.unfold(x.unsqueeze(2), (1, k[0]), (1, dilation[0]), (0, padding[0]), (1, stride[0]))
-    pad = [p for q in reversed(padding) for p in (q, q)]
-    xp = F.pad(x, pad) if any(padding) else x
-    out = [(xp.shape[2 + d] - dilation[d] * (k[d] - 1) - 1) // stride[d] + 1 for d in range(nd)]
-    patches = []
-    for offs in itertools.product(*(range(kd) for kd in k)):
-        idx = [slice(None), slice(None)]
-        for d in range(nd):
-            s = offs[d] * dilation[d]
-            idx.append(slice(s, s + stride[d] * (out[d] - 1) + 1, stride[d]))
-        patches.append(xp[tuple(idx)])
-    return torch.stack(patches, 2).reshape(x.shape[0], x.shape[1] * len(patches), -1)
 
 
 def check_exact(block: Block, config: Config, batch: int | None = None) -> None:
@@ -154,7 +96,6 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
     the precision of γ·∂L/∂â instead of losing eps·|â| to A − Z.
     """
     check_exact(block, config)
-    from lwcompile.passes.exact_stats import solve_stats  # it imports this module (for spd_solve)
     attrs = dict(block.attrs)
     has_bias = block.bias is not None
     fit_w = block.weight not in block.frozen
@@ -191,16 +132,16 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
                                      "(Config.skip) or use residual_norm='none'.")
             dW, db = _solve_chunked(op, attrs, x, target, flat[4 + has_bias] if preact_given else None, W, b,
                                     chunks, fit_b, prox, block.name, relative, offset)
-            new_w = _weight_from_cols(op, W, dW)
+            new_w = weight_from_cols(op, W, dW)
             new_b = (b + db.reshape(b.shape)) if fit_b else b
             return (new_w, new_b) if has_bias else (new_w,)
-        X, A, groups = _design(op, attrs, x, target, W)
+        X, A, groups = design(op, attrs, x, target, W)
         if offset:  # target is d = â − a: R = A − Z = −d (the design's A is d's rows)
             R = -A
         elif preact_given:
-            Z = _out_rows(op, flat[4 + has_bias], groups)
+            Z = out_rows(op, flat[4 + has_bias], groups)
         else:
-            Z = X @ _weight_cols(op, W, groups)  # the current pre-activation, (G, rows, O)
+            Z = X @ weight_cols(op, W, groups)  # the current pre-activation, (G, rows, O)
             if b is not None:
                 Z = Z + beta * b.reshape(groups, 1, -1)
         if not offset:
@@ -208,7 +149,7 @@ def make_exact_fn(block: Block, config: Config, preact_given: bool = False,
         if per_output:  # (G, rows, O): every group's output columns
             R = equalize_outputs(R, (1,))
         dW, db = _solve(X, R, fit_w, fit_b, prox, block.name, relative, beta)
-        new_w = _weight_from_cols(op, W, dW) if fit_w else W
+        new_w = weight_from_cols(op, W, dW) if fit_w else W
         new_b = (b + db.reshape(b.shape)) if fit_b else b
         return (new_w, new_b) if has_bias else (new_w,)
 
@@ -227,45 +168,6 @@ def equalize_outputs(R: torch.Tensor, over: tuple[int, ...]) -> torch.Tensor:
     mean = col.mean().sqrt()  # over every output (and group) of the block
     col = col.sqrt()
     return R * torch.where(col > 0, mean / torch.where(col > 0, col, torch.ones_like(col)), torch.zeros_like(col))
-
-
-def _design(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor,
-            W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(X (G, rows, D), A (G, rows, O), G): the least-squares problem(s) of one block. For addmm X is α·x, so
-    that Z = X W holds for its weight in (in, out) layout."""
-    if op in ("linear", "matmul", "addmm"):
-        X = x.reshape(1, -1, x.shape[-1])
-        alpha = attrs.get("alpha", 1) if op == "addmm" else 1
-        return (X if alpha == 1 else alpha * X), _out_rows(op, target, 1), 1
-    g = int(attrs["groups"])
-    cols = _im2col(x, tuple(W.shape[2:]), tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"]))
-    n, L = cols.shape[0], cols.shape[2]
-    return cols.reshape(n, g, -1, L).permute(1, 0, 3, 2).reshape(g, n * L, -1), _out_rows(op, target, g), g
-
-
-def _out_rows(op: str, t: torch.Tensor, groups: int) -> torch.Tensor:
-    """An output-shaped tensor (target, pre-activation) as (G, rows, O)."""
-    if op in ("linear", "matmul", "addmm"):
-        return t.reshape(1, -1, t.shape[-1])
-    n, c = t.shape[0], t.shape[1]
-    return t.reshape(n, groups, c // groups, -1).permute(1, 0, 3, 2).reshape(groups, -1, c // groups)
-
-
-def _weight_cols(op: str, W: torch.Tensor, groups: int) -> torch.Tensor:
-    """The weight as (G, D, O) so that Z = X @ it."""
-    if op == "linear":
-        return W.t().unsqueeze(0)
-    if op in ("matmul", "addmm"):
-        return W.unsqueeze(0)
-    return W.reshape(groups, W.shape[0] // groups, -1).transpose(1, 2)
-
-
-def _weight_from_cols(op: str, W: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
-    if op == "linear":
-        return W + dW[0].t()
-    if op in ("matmul", "addmm"):
-        return W + dW[0]
-    return W + dW.transpose(1, 2).reshape(W.shape)
 
 
 def _solve(X: torch.Tensor, R: torch.Tensor, fit_w: bool, fit_b: bool, prox: float,
@@ -341,14 +243,14 @@ def _solve_chunked(op: str, attrs: dict, x: torch.Tensor, target: torch.Tensor, 
     """:func:`_solve` for a conv block, its design rows formed one chunk of examples at a time (``offset``: the
     target input is the offset d, the residual −d)."""
     groups = int(attrs["groups"])
-    Wc = _weight_cols(op, W, groups)
+    Wc = weight_cols(op, W, groups)
 
     def rows_of(start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        X, A, _ = _design(op, attrs, x.narrow(0, start, length), target.narrow(0, start, length), W)
+        X, A, _ = design(op, attrs, x.narrow(0, start, length), target.narrow(0, start, length), W)
         if offset:
             return X, -A
         if preact is not None:
-            Z = _out_rows(op, preact.narrow(0, start, length), groups)
+            Z = out_rows(op, preact.narrow(0, start, length), groups)
         else:
             Z = X @ Wc
             if b is not None:

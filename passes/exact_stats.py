@@ -5,9 +5,8 @@ XᵀX, XᵀR, Xᵀ1, 1ᵀR and the row count (R = A − Z, the residual at the c
 them on some rows (a rank's shard), a sum of them over shards is the whole batch's, and ``solve_stats`` turns the
 summed statistics into the new weights with the same algebra as ``exact_solver._solve`` (bias eliminated by a
 rank-one update; ``Config.prox_relative``'s λ = prox · tr(XᵀX)/D from the summed Gram matrix, so it is the whole
-batch's too). The design-matrix helpers (``design``, ``out_rows``, ``weight_cols``, ``weight_from_cols``) are the
-public twins of exact_solver's private ones; ``tests/test_data_parallel.py`` checks that both give the same
-numbers, until exact_solver imports them from here.
+batch's too). The design-matrix helpers (``design``, ``out_rows``, ``weight_cols``, ``weight_from_cols``) are the ones
+exact_solver uses too.
 
 Example:
     >>> import torch
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lwcompile.ir import Block
-from lwcompile.passes import exact_solver  # noqa: F401 - registers torch.ops.lwcompile.spd_solve
+from lwcompile.passes.spd_solve import spd_solve  # noqa: F401 - registers torch.ops.lwcompile.spd_solve
 
 Tensors = tuple[torch.Tensor, ...]
 
