@@ -68,6 +68,7 @@ from datetime import timedelta
 from lwcompile import dp_math
 from lwcompile.errors import ConfigError, NonFiniteError
 from lwcompile.ir import as_tuple
+from lwcompile.train_output import write_checkpoint
 from lwcompile.runtime.comm import Comm, DistributedError
 from lwcompile.runtime.distributed import init_from_env
 from lwcompile.runtime.dp_costs import allreduce_bytes
@@ -218,14 +219,12 @@ class DataParallelTrainer:
         return {"model": self.state_dict(), "program": self.prog.state_dict()}
 
     def save(self, path: str) -> None:
-        """Rank 0 writes :meth:`checkpoint` to ``path`` (via a temporary file in the same folder, then renamed);
+        """Rank 0 writes :meth:`checkpoint` to ``path`` (``lwcompile.train_output.write_checkpoint``: atomically);
         every rank returns once it is written, or raises if rank 0 could not write it."""
         error = None
         if self.rank == 0:
             try:
-                tmp = f"{path}.tmp{os.getpid()}"
-                torch.save(self.checkpoint(), tmp)
-                os.replace(tmp, path)
+                write_checkpoint(path, self.checkpoint())  # atomic; its temporary file never outlives a failure
             except Exception as e:
                 error = e
         self._phase("checkpoint save")
