@@ -7,10 +7,11 @@ a_i − z_i at the current weights, the minimizer is (XᵀX + λI) Δᵀ = XᵀR
 Gram matrix replaces the T iterations (``Config(inner_optimizer="exact")``; T and the inner lr are unused).
 Solving for the change Δ rather than for W̃ keeps float32 accurate: the solve's rounding scales with ‖Δ‖, not ‖W‖.
 
-A convolution is the same problem on its unfolded (im2col) input, one problem per group. ``make_exact_fn``
+A convolution is the same problem on its unfolded (im2col) input, one problem per group; a stride-1 2-D conv forms
+the sums XᵀX, XᵀR without unfolding (:mod:`lwcompile.passes.conv_gram`). ``make_exact_fn``
 returns the pure function ``(W, [b], x, target, lr) -> (W', [b'])`` that :mod:`lwcompile.passes.inner` traces into
 the block's inner graph, like every other inner optimizer (no optimizer state). The factorization itself is the
-op ``torch.ops.lwcompile.spd_solve``: Cholesky in float32, then with a tiny jitter, then in float64, and a clear
+op ``torch.ops.lwcompile.spd_solve`` (:mod:`lwcompile.passes.spd_solve`): Cholesky in float32, then with a tiny jitter, then in float64, and a clear
 :class:`~lwcompile.errors.LwcompileError` when the system is singular (λ = 0 and a rank-deficient batch).
 
 Example:
