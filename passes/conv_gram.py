@@ -11,7 +11,8 @@ difference (Δu, Δv) = (i' − i, j' − j) and the output window:
 
 So :func:`conv_gram` forms, for each row offset Δu ≥ 0, one batched product over rows u of the (Wp·C) × N
 slices of xp (every column pair of two rows at once; the pairs with |Δv| ≥ kw are unused), reads the bands
-|Δv| < kw off as diagonals, and takes each window's sum as the whole sum less its few edge rows (and prefix sums along v). That is about
+|Δv| < kw off as diagonals, and takes each window's sum as the whole sum less its few edge rows (and prefix
+sums along v). That is about
 Σ_{Δu<kh} (Hp − Δu)·(Wp·C)²·N MACs: for the example above 1.7 G instead of 8 G, with no patch matrix. The lower
 half (Δu < 0) is the transpose of the upper. Exact in exact arithmetic: the numbers differ from XᵀX by
 summation order only (float64 tests in tests/test_conv_gram.py).

@@ -11,7 +11,8 @@ A convolution is the same problem on its unfolded (im2col) input, one problem pe
 the sums XᵀX, XᵀR without unfolding (:mod:`lwcompile.passes.conv_gram`). ``make_exact_fn``
 returns the pure function ``(W, [b], x, target, lr) -> (W', [b'])`` that :mod:`lwcompile.passes.inner` traces into
 the block's inner graph, like every other inner optimizer (no optimizer state). The factorization itself is the
-op ``torch.ops.lwcompile.spd_solve`` (:mod:`lwcompile.passes.spd_solve`): Cholesky in float32, then with a tiny jitter, then in float64, and a clear
+op ``torch.ops.lwcompile.spd_solve`` (:mod:`lwcompile.passes.spd_solve`): Cholesky in float32, then with a tiny
+jitter, then in float64, and a clear
 :class:`~lwcompile.errors.LwcompileError` when the system is singular (λ = 0 and a rank-deficient batch).
 
 Example:
